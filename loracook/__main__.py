@@ -1,0 +1,3 @@
+from loracook.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The command line: argument parsing, rich output and progress. No math here; the engine is imported lazily
+so that `loracook --help` and `loracook validate` never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loracook import __version__
+from loracook.errors import BadInput
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loracook",
+        description="Declarative YAML recipes for merging, extracting and evaluating LoRA adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"loracook {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="validate, plan and execute a recipe")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--output", "-o", type=Path, help="output folder (overrides output.path)")
+    run.add_argument("--force", action="store_true", help="replace an existing output")
+    run.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="device for the math (default cpu)"
+    )
+    run.add_argument("--no-eval", action="store_true", help="skip the evaluate section")
+    run.add_argument("--seed", type=int, help="override merge.seed")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    validate = sub.add_parser("validate", help="check recipes (schema and semantics, file headers only)")
+    validate.add_argument("recipes", type=Path, nargs="+")
+    validate.add_argument("--schema-only", action="store_true", help="do not open the files the recipe names")
+
+    plan = sub.add_parser("plan", help="dry run: the task table, bytes to read and write, peak memory")
+    plan.add_argument("recipe", type=Path)
+    plan.add_argument("--output", "-o", type=Path)
+    plan.add_argument("--all", action="store_true", help="list every tensor, not only the changed ones")
+
+    schema = sub.add_parser("schema", help="write schemas/recipe.schema.json, or check that it is current")
+    schema.add_argument("--check", action="store_true")
+    schema.add_argument("--path", type=Path, default=Path("schemas/recipe.schema.json"))
+
+    inspect = sub.add_parser("inspect", help="summarise adapters or models, and how similar adapters are")
+    inspect.add_argument("paths", type=Path, nargs="+")
+
+    evaluate = sub.add_parser("eval", help="run lm-eval on an existing output")
+    evaluate.add_argument("model", type=Path)
+    evaluate.add_argument("--tasks", nargs="+", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "run": _cmd_run,
+        "validate": _cmd_validate,
+        "plan": _cmd_plan,
+        "schema": _cmd_schema,
+        "inspect": _cmd_not_yet,
+        "eval": _cmd_not_yet,
+    }[args.command]
+    try:
+        return handler(args)
+    except BadInput as error:
+        _print_error(error)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("loracook: interrupted", file=sys.stderr)
+        return 130
+
+
+def _print_error(error: BadInput) -> None:
+    print(f"error: {error.one_line()}", file=sys.stderr)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _load(path: Path, seed: int | None = None):
+    from loracook.recipe import load_recipe
+
+    loaded = load_recipe(path)
+    if seed is not None:
+        merge = loaded.recipe.merge.model_copy(update={"seed": seed})
+        loaded = type(loaded)(
+            loaded.recipe.model_copy(update={"merge": merge}), loaded.file, loaded.text, loaded.positions
+        )
+    return loaded
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    console = _console()
+    failed = 0
+    for path in args.recipes:
+        try:
+            loaded = _load(path)
+            if not args.schema_only:
+                _check_files(loaded)
+        except BadInput as error:
+            _print_error(error)
+            failed += 1
+            continue
+        console.print(f"[green]ok[/green] {path}")
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def _check_files(loaded) -> None:
+    """Open every file the recipe names (headers only) and check that the sources fit the base."""
+    from loracook.plan import make_plan
+
+    try:
+        make_plan(loaded.recipe, Path(loaded.recipe.output.path or "unused-output"))
+    except BadInput as error:
+        raise loaded.locate(error) from None
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from loracook.plan import make_plan
+
+    loaded = _load(args.recipe)
+    try:
+        plan = make_plan(loaded.recipe, args.output)
+    except BadInput as error:
+        raise loaded.locate(error) from None
+    _print_plan(plan, show_all=args.all)
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from loracook import engine
+    from loracook.plan import make_plan
+
+    loaded = _load(args.recipe, args.seed)
+    console = _console()
+    try:
+        plan = make_plan(loaded.recipe, args.output)
+        quiet = args.quiet or not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1"
+        with _progress(console, quiet) as on_task:
+            result = engine.run(
+                loaded.recipe,
+                recipe_text=loaded.text,
+                output=args.output,
+                force=args.force,
+                on_task=on_task,
+                plan=plan,
+            )
+    except BadInput as error:
+        raise loaded.locate(error) from None
+    console.print(
+        f"[green]wrote[/green] {result.output} ({_size(result.plan.bytes_written)} in {len(result.plan.tasks)} tensors)"
+    )
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from loracook.recipe.schema import schema_is_current, write_schema
+
+    if args.check:
+        if schema_is_current(args.path):
+            print(f"{args.path} is current")
+            return EXIT_OK
+        raise BadInput(
+            "the JSON schema is stale or missing", file=args.path, fix="run `loracook schema` and commit it"
+        )
+    changed = write_schema(args.path)
+    print(f"{'wrote' if changed else 'unchanged'} {args.path}")
+    return EXIT_OK
+
+
+def _cmd_not_yet(args: argparse.Namespace) -> int:
+    raise BadInput(f"`loracook {args.command}` is not supported yet")
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _print_plan(plan, show_all: bool) -> None:
+    from rich.table import Table
+
+    from loracook.plan import BiasTerm, FullTerm, LoraTerm
+
+    console = _console()
+    table = Table(title=f"plan: {plan.kind} -> {plan.output}", show_lines=False)
+    for column in ("tensor", "shape", "dtype", "terms", "rows/block"):
+        table.add_column(column, justify="left" if column in ("tensor", "terms") else "right")
+    shown = 0
+    for task in plan.tasks:
+        if not task.terms and not show_all:
+            continue
+        parts = []
+        for term in task.terms:
+            if isinstance(term, LoraTerm):
+                kind = "dora" if term.magnitude is not None else "lora"
+                parts.append(f"{term.source}:{kind} r{term.a.shape[0]} ×{term.weight:g}")
+            elif isinstance(term, FullTerm):
+                parts.append(f"{term.source}:replace ×{term.weight:g}")
+            elif isinstance(term, BiasTerm):
+                parts.append(f"{term.source}:bias ×{term.weight:g}")
+        dtype = str(task.dtype).removeprefix("torch.")
+        table.add_row(
+            task.name, "×".join(map(str, task.shape)), dtype, ", ".join(parts) or "copy", str(task.block_rows)
+        )
+        shown += 1
+    console.print(table)
+    changed = sum(1 for t in plan.tasks if t.terms)
+    console.print(
+        f"{len(plan.tasks)} tensors ({changed} changed{'' if show_all else ', --all lists the rest'}); "
+        f"read {_size(plan.bytes_read)}, write {_size(plan.bytes_written)}; "
+        f"peak working memory ≈ {_size(plan.peak_memory)} beyond the interpreter"
+    )
+
+
+class _progress:
+    """A rich progress bar fed by the engine's on_task callback."""
+
+    def __init__(self, console, quiet: bool) -> None:
+        self.console, self.quiet = console, quiet
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]merging"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("", total=None)
+
+        def on_task(done: int, total: int, task) -> None:
+            self.bar.update(self.task, completed=done, total=total, description=task.name)
+
+        return on_task
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            self.bar.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""Read PEFT LoRA adapters: adapter_config.json plus adapter_model.safetensors (or a weights-only .bin).
+
+Only headers and the config are read here; tensors are read later by the executor through TensorReader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loracook.errors import BadInput, Unsupported
+from loracook.io.tensors import TensorInfo, TensorReader, read_header
+
+PREFIX = "base_model.model."
+# init_lora_weights values whose saved factors are a plain LoRA on the unchanged base.
+_PLAIN_INITS = {True, False, "gaussian", "eva", "orthogonal"}
+# Config keys of features that change what the saved tensors mean; refused by name when they are set.
+_REFUSED = {
+    "layer_replication": "layer replication",
+    "megatron_config": "Megatron parallel layers",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "trainable_token_indices": "trainable tokens",
+    "arrow_config": "Arrow routing",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: ΔW = scale · B @ A (transposed when fan_in_fan_out; (B @ A)ᵀ for embeddings)."""
+
+    module: str  # module name in the base model, e.g. model.layers.0.self_attn.q_proj
+    kind: str  # "linear" | "embedding"
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool = False
+    magnitude: TensorInfo | None = None  # DoRA magnitude vector
+    bias: TensorInfo | None = None  # lora_bias: Δb = scale · lora_B.bias
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        """Shape of ΔW as the base stores the weight."""
+        out, inp = self.b.shape[0], self.a.shape[1]
+        if self.kind == "embedding":
+            return (inp, out)  # (num_embeddings, embedding_dim)
+        return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter: its modules, the full tensors it replaces (modules_to_save), and its config."""
+
+    path: Path
+    file: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]
+    full: dict[str, TensorInfo] = field(default_factory=dict)  # base tensor name -> replacement tensor
+
+    def reader(self) -> TensorReader:
+        return TensorReader.open(self.file)
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+
+def adapter_weights_file(folder: Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise BadInput(
+        "no adapter_model.safetensors or adapter_model.bin in the adapter folder",
+        file=folder,
+        fix="point the source at a PEFT adapter folder (saved with save_pretrained)",
+    )
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / "adapter_config.json"
+    if not folder.exists():
+        raise BadInput("adapter folder not found", file=folder, fix="check the path in the recipe")
+    if not folder.is_dir():
+        raise BadInput("an adapter source must be a folder holding adapter_config.json", file=folder)
+    if not path.is_file():
+        raise BadInput(
+            "no adapter_config.json in the adapter folder", file=folder, fix="is this a PEFT adapter?"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"adapter_config.json is not valid JSON ({exc})", file=path) from None
+    if not isinstance(config, dict):
+        raise BadInput("adapter_config.json must hold a JSON object", file=path)
+    return config
+
+
+def open_adapter(folder: str | Path) -> Adapter:
+    """Read an adapter's config and tensor headers (no tensor data).
+
+    >>> adapter = open_adapter("tests/data/adapter")  # doctest: +SKIP
+    >>> adapter.modules["model.layers.0.self_attn.q_proj"].scale  # doctest: +SKIP
+    2.0
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    config_file = folder / "adapter_config.json"
+    _check_config(config, config_file)
+    file = adapter_weights_file(folder)
+    if file.suffix == ".safetensors":
+        infos, _ = read_header(file)
+    else:
+        infos = TensorReader.open(file).infos
+    return _assemble(folder, file, config, config_file, infos)
+
+
+def _check_config(config: dict[str, Any], file: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise Unsupported(f"peft_type {peft_type} is not supported; loracook reads LoRA adapters", file=file)
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise Unsupported(
+            f"init_lora_weights={init!r} adapters change the base weights and cannot be merged into the original base",
+            file=file,
+            fix="save the adapter with path_initial_model_for_weight_conversion to convert it to a plain LoRA",
+        )
+    if config.get("loftq_config"):
+        raise Unsupported(
+            "LoftQ adapters are not supported (they are made for a quantized residual base)", file=file
+        )
+    for key, what in _REFUSED.items():
+        if config.get(key):
+            raise Unsupported(f"{what} ({key}) is not supported", file=file)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise BadInput(f"adapter_config.json: {key} must be a positive number, got {value!r}", file=file)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: regex keys matched as (.*\\.)?(key)$, first match wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _assemble(
+    folder: Path, file: Path, config: dict[str, Any], config_file: Path, infos: dict[str, TensorInfo]
+) -> Adapter:
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    full: dict[str, TensorInfo] = {}
+    suffixes = (
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora_B.bias",
+        ".lora_embedding_A",
+        ".lora_embedding_B",
+        ".lora_magnitude_vector",
+        ".lora_magnitude_vector.weight",
+    )
+    for key, info in infos.items():
+        name = key.removeprefix(PREFIX)
+        for suffix in suffixes:
+            if name.endswith(suffix):
+                parts.setdefault(name[: -len(suffix)], {})[suffix] = info
+                break
+        else:
+            if ".lora_" in name:
+                raise Unsupported(
+                    f"adapter tensor {key!r} is of a LoRA variant loracook does not know", file=file
+                )
+            # modules_to_save, trained biases, or an embedding saved with save_embedding_layers: full tensors
+            full[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = info
+    use_rslora = bool(config.get("use_rslora", False))
+    r_default = config.get("r", 8)
+    alpha_default = config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoraModule] = {}
+    for module, found in sorted(parts.items()):
+        embedding = ".lora_embedding_A" in found or ".lora_embedding_B" in found
+        a = found.get(".lora_embedding_A" if embedding else ".lora_A.weight")
+        b = found.get(".lora_embedding_B" if embedding else ".lora_B.weight")
+        if a is None or b is None:
+            raise BadInput(f"module {module!r} has only one of its LoRA factors", file=file)
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise Unsupported(
+                f"module {module!r} has {len(a.shape)}-D LoRA factors (convolutions are not supported)",
+                file=file,
+            )
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise BadInput(
+                f"module {module!r}: lora_A has rank {rank} but lora_B has {b.shape[1]}", file=file
+            )
+        config_rank = _pattern_value(rank_pattern, module, r_default)
+        if config_rank != rank:
+            raise BadInput(
+                f"module {module!r}: the tensors have rank {rank} but adapter_config.json says {config_rank}",
+                file=config_file,
+            )
+        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        magnitude = found.get(".lora_magnitude_vector", found.get(".lora_magnitude_vector.weight"))
+        if magnitude is not None and embedding:
+            raise Unsupported(f"DoRA on the embedding module {module!r} is not supported", file=file)
+        modules[module] = LoraModule(
+            module=module,
+            kind="embedding" if embedding else "linear",
+            a=a,
+            b=b,
+            rank=rank,
+            alpha=alpha,
+            scale=scale,
+            fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and not embedding,
+            magnitude=magnitude,
+            bias=found.get(".lora_B.bias"),
+        )
+    if not modules and not full:
+        raise BadInput("the adapter holds no LoRA tensors", file=file)
+    return Adapter(path=folder, file=file, config=config, modules=modules, full=full)

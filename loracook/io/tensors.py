@@ -1,0 +1,181 @@
+"""Read safetensors files without mmap, and .bin files only through weights-only unpickling.
+
+Reading with plain ``readinto`` at the header's offsets (instead of ``safe_open``'s mmap) keeps the process's
+resident memory at what it actually holds: mapped pages of a multi-GB checkpoint would otherwise count in RSS
+until the mapping goes away. It also lets the executor read a block of rows of a tensor, so that even the
+largest embedding never has to be in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loracook.errors import BadInput
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and byte offset (absolute, in the file)."""
+
+    file: str
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int | None  # None for tensors that come from a .bin file (no direct offsets)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * _itemsize(self.dtype) if self.shape else self.nbytes
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise BadInput("not a safetensors file (shorter than its 8-byte header length)", file=path)
+            (length,) = struct.unpack("<Q", raw)
+            if length > _MAX_HEADER or 8 + length > size:
+                raise BadInput("not a safetensors file, or truncated (bad header length)", file=path)
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise BadInput("file not found", file=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInput("not a safetensors file (its header is not JSON)", file=path) from None
+    if not isinstance(header, dict):
+        raise BadInput("not a safetensors file (its header is not a JSON object)", file=path)
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    data_start = 8 + length
+    end = 0
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, stop = (int(x) for x in entry["data_offsets"])
+        except KeyError as exc:
+            raise BadInput(
+                f"tensor {name!r} has unsupported dtype or a broken header entry ({exc})", file=path
+            ) from None
+        except (TypeError, ValueError):
+            raise BadInput(f"tensor {name!r} has a broken header entry", file=path) from None
+        info = TensorInfo(str(path), name, dtype, shape, data_start + begin)
+        if stop - begin != info.nbytes:
+            raise BadInput(f"tensor {name!r}: header offsets disagree with its shape", file=path)
+        infos[name] = info
+        end = max(end, stop)
+    if data_start + end > size:
+        raise BadInput(
+            f"truncated safetensors file: {size} bytes, the header promises {data_start + end}",
+            file=path,
+            fix="re-download or re-save it",
+        )
+    return infos, metadata
+
+
+class TensorReader:
+    """Reads tensors (or blocks of rows) of one checkpoint file by name, without mmap.
+
+    >>> reader = TensorReader.open("model.safetensors")  # doctest: +SKIP
+    >>> reader.read("lm_head.weight", rows=(0, 128)).shape  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, path: str | Path, infos: dict[str, TensorInfo], loaded: dict[str, torch.Tensor] | None = None
+    ):
+        self.path = Path(path)
+        self.infos = infos
+        self._loaded = loaded  # .bin files are loaded whole (there is no safe partial read of a pickle)
+        self._fd: int | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> TensorReader:
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            infos, _ = read_header(path)
+            return cls(path, infos)
+        tensors = load_bin(path)
+        infos = {n: TensorInfo(str(path), n, t.dtype, tuple(t.shape), None) for n, t in tensors.items()}
+        return cls(path, infos, tensors)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        info = self.infos[name]
+        if self._loaded is not None:
+            tensor = self._loaded[name]
+            return tensor[rows[0] : rows[1]].clone() if rows else tensor.clone()
+        start, stop = rows if rows else (0, info.shape[0] if info.shape else 1)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        count = info.row_bytes * (stop - start)
+        buffer = bytearray(count)
+        if count:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            view = memoryview(buffer)
+            done = 0
+            while done < count:
+                n = os.preadv(self._fd, [view[done:]], info.offset + start * info.row_bytes + done)
+                if n <= 0:
+                    raise BadInput(f"tensor {name!r} is cut short", file=self.path)
+                done += n
+        return (
+            torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+            if count
+            else torch.empty(shape, dtype=info.dtype)
+        )
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def load_bin(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a PyTorch .bin state dict with ``weights_only=True``: a pickle holding code is refused, not run."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except FileNotFoundError:
+        raise BadInput("file not found", file=path) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad or unsafe pickle
+        reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+        raise BadInput(
+            f"refused to load: not a plain weights file ({reason})",
+            file=path,
+            fix="only tensors are loaded from .bin files (weights_only); convert it to safetensors",
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise BadInput("a .bin weights file must hold a dict of tensors", file=path)
+    return data

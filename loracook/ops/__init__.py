@@ -1,0 +1,1 @@
+"""Pure math on tensors: no paths, no config objects, no logging."""

@@ -1,0 +1,291 @@
+"""Load a recipe from YAML, keeping the line and column of every key so errors can point at them."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from loracook.errors import BadInput, Unsupported
+from loracook.recipe.model import METHODS, Recipe
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe, the file it came from, and where each key sits in that file."""
+
+    recipe: Recipe
+    file: Path
+    text: str
+    positions: dict[Loc, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
+
+    def locate(self, error: BadInput) -> BadInput:
+        """Fill in the file and YAML line of an engine error that carries a recipe location."""
+        if error.file is None:
+            error.file = str(self.file)
+        if error.loc and error.line is None and error.file == str(self.file):
+            error.line, error.column = _closest(self.positions, error.loc) or (None, None)
+        return error
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read, parse and validate a recipe file. Raises BadInput with file:line:column.
+
+    >>> load_recipe("recipes/does-not-exist.yaml")  # doctest: +SKIP
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput("recipe file not found", file=file, fix="check the path") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+        raise BadInput(f"cannot read the recipe: {exc.__class__.__name__}", file=file) from None
+    return load_recipe_text(text, file)
+
+
+def load_recipe_text(text: str, file: str | Path) -> LoadedRecipe:
+    file = Path(file)
+    data, positions = _parse_yaml(text, file)
+    if not isinstance(data, dict):
+        raise BadInput(
+            "a recipe must be a YAML mapping with keys loracook, base, sources, merge, output", file=file
+        )
+    if "loracook" not in data:
+        error = BadInput(
+            "missing `loracook: 1` (the recipe format version)", file=file, fix="add `loracook: 1` at the top"
+        )
+        error.line = 1
+        raise error
+    try:
+        recipe = Recipe.model_validate(data, context={"root": str(file.parent.resolve())})
+    except ValidationError as exc:
+        raise _explain(exc, data, positions, file) from None
+    loaded = LoadedRecipe(recipe=recipe, file=file, text=text, positions=positions)
+    try:
+        check_semantics(recipe)
+    except BadInput as error:
+        raise loaded.locate(error) from None
+    return loaded
+
+
+def check_semantics(recipe: Recipe) -> None:
+    """Cross-field checks that the schema cannot express."""
+    known = sorted(recipe.sources)
+    named: list[tuple[str, Loc]] = [(n, ("merge", "weights", n)) for n in recipe.merge.weights]
+    density = getattr(recipe.merge, "density", None)
+    if isinstance(density, dict):
+        named += [(n, ("merge", "density", n)) for n in density]
+    for name, loc in named:
+        if name not in recipe.sources:
+            raise BadInput(_unknown_name("source", name, known), loc=loc)
+    if isinstance(density, dict):
+        missing = [n for n in known if n not in density]
+        if missing:
+            raise BadInput(
+                f"merge.density gives no value for {', '.join(missing)}",
+                loc=("merge", "density"),
+                fix="give every source a density, or one number for all",
+            )
+    if recipe.evaluate is not None:
+        for name in recipe.evaluate.baselines:
+            if name != "base" and name not in recipe.sources:
+                raise BadInput(
+                    _unknown_name("baseline", name, ["base", *known]), loc=("evaluate", "baselines")
+                )
+        raise Unsupported(
+            "the `evaluate` section is not supported yet", loc=("evaluate",), fix="remove it or use --no-eval"
+        )
+    if recipe.search is not None:
+        raise Unsupported("the `search` section is not supported yet", loc=("search",), fix="remove it")
+
+
+def _unknown_name(kind: str, name: str, choices: list[str]) -> str:
+    hint = difflib.get_close_matches(name, choices, n=1)
+    text = f"unknown {kind} {name!r}; known: {', '.join(choices)}"
+    return text + (f" (did you mean {hint[0]!r}?)" if hint else "")
+
+
+# -------------------------------------------------------------------------------------------------- YAML
+
+
+def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[Loc, tuple[int, int]]]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        error = BadInput(
+            f"malformed YAML: {exc.problem or exc.context}", file=file, fix="fix the YAML syntax"
+        )
+        if mark is not None:
+            error.line, error.column = mark.line + 1, mark.column + 1
+        raise error from None
+    except yaml.YAMLError as exc:
+        raise BadInput(f"malformed YAML: {exc}", file=file) from None
+    finally:
+        loader.dispose()
+    positions: dict[Loc, tuple[int, int]] = {}
+    if node is not None:
+        _walk(node, (), positions, file)
+    return data, positions
+
+
+def _walk(node: yaml.Node, loc: Loc, positions: dict[Loc, tuple[int, int]], file: Path) -> None:
+    positions.setdefault(loc, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                error = BadInput(f"duplicate key {key!r}", file=file, fix="keep one of them")
+                error.line, error.column = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+                raise error
+            seen.add(key)
+            positions[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _walk(value_node, (*loc, key), positions, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*loc, index), positions, file)
+
+
+def _closest(positions: dict[Loc, tuple[int, int]], loc: Loc) -> tuple[int, int] | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in positions:
+            return positions[loc[:end]]
+    return None
+
+
+# ------------------------------------------------------------------------------------ validation messages
+
+
+def _explain(exc: ValidationError, data: Any, positions: dict[Loc, tuple[int, int]], file: Path) -> BadInput:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = _data_loc(first["loc"], data)
+    dotted = ".".join(str(p) for p in loc) or "recipe"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        allowed = _allowed_keys(first["loc"][:-1])
+        hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        message = f"unknown key {dotted!r}"
+        fix = (
+            f"did you mean {hint[0]!r}?"
+            if hint
+            else (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+        )
+    elif kind == "union_tag_invalid" and loc and loc[-1] == "merge":
+        given = first.get("input", {}).get("method") if isinstance(first.get("input"), dict) else None
+        hint = difflib.get_close_matches(str(given), METHODS, n=1)
+        message = f"unknown merge method {given!r}; the methods are {', '.join(METHODS)}"
+        fix = f"did you mean {hint[0]!r}?" if hint else None
+    elif kind == "union_tag_not_found" and loc and loc[-1] == "merge":
+        message, fix = "merge.method is missing", f"add `method:` ({', '.join(METHODS)})"
+    elif kind == "missing":
+        message, fix = f"missing required key {dotted!r}", None
+    elif kind == "literal_error" and loc == ("loracook",):
+        message, fix = (
+            f"unsupported recipe format version {first.get('input')!r}",
+            "this loracook reads `loracook: 1`",
+        )
+    else:
+        message = f"{dotted}: {first['msg'].removeprefix('Value error, ')}"
+        fix = None
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    error = BadInput(message, file=file, loc=loc, fix=fix)
+    error.line, error.column = _closest(positions, loc) or (None, None)
+    return error
+
+
+def _data_loc(loc: tuple[Any, ...], data: Any) -> Loc:
+    """Drop the union tags pydantic puts in error locations, keeping only the keys of the data."""
+    kept: list[str | int] = []
+    annotation: Any = Recipe
+    for item in loc:
+        member = _tagged_member(annotation, item)
+        if member is not None:  # a union tag, not a key of the data
+            annotation = member
+            continue
+        kept.append(item)
+        annotation = _step(annotation, item) if annotation is not None else None
+    return tuple(kept)
+
+
+def _tagged_member(annotation: Any, item: Any) -> Any:
+    if annotation is None or typing.get_origin(annotation) in (dict, list):
+        return None
+    if isinstance(annotation, type):
+        return None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _tagged_member(args[0], item)
+    for arg in args:
+        inner = typing.get_args(arg)
+        if typing.get_origin(arg) is typing.Annotated and any(
+            type(m).__name__ == "Tag" and m.tag == item for m in inner[1:]
+        ):
+            return inner[0]
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "method" in arg.model_fields:
+            if typing.get_args(arg.model_fields["method"].annotation) == (item,):
+                return arg
+        if typing.get_origin(arg) is typing.Annotated and item == "function-after[_resolve_path(), str]":
+            return inner[0]
+    return None
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the recipe model at a pydantic error location (tags included in loc)."""
+    current: Any = Recipe
+    for item in loc:
+        current = _step(current, item)
+        if current is None:
+            return []
+    models = [m for m in _models_in(current)]
+    return sorted({name for model in models for name in model.model_fields})
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _step(annotation: Any, item: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field_info = annotation.model_fields.get(item) if isinstance(item, str) else None
+        return field_info.annotation if field_info else None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        tags = [m for m in args[1:] if type(m).__name__ == "Tag"]
+        if tags and tags[0].tag == item:
+            return args[0]
+        return _step(args[0], item)
+    if origin is dict:
+        return args[1]
+    if origin is list:
+        return args[0]
+    if args:  # a union: find the member named by the tag, or a model with that method
+        for arg in args:
+            inner = typing.get_args(arg)
+            if typing.get_origin(arg) is typing.Annotated and any(
+                type(m).__name__ == "Tag" and m.tag == item for m in inner[1:]
+            ):
+                return inner[0]
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and "method" in arg.model_fields:
+                if typing.get_args(arg.model_fields["method"].annotation) == (item,):
+                    return arg
+        for arg in args:
+            found = _step(arg, item)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,60 @@
+"""Resolve a source's merge weight for one tensor: a number, a per-layer list, or filter rules."""
+
+from __future__ import annotations
+
+import re
+
+from loracook.errors import BadInput
+from loracook.io.checkpoint import layer_index
+from loracook.recipe.model import FilterRule
+
+
+def check_weight(spec: float | list, num_layers: int, source: str) -> None:
+    """Refuse a per-layer list that no layer count explains (longer than the model's layer count)."""
+    if (
+        isinstance(spec, list)
+        and spec
+        and not isinstance(spec[0], FilterRule)
+        and len(spec) > max(num_layers, 1)
+    ):
+        raise BadInput(
+            f"merge.weights.{source} has {len(spec)} per-layer values but the base has {num_layers} layers",
+            loc=("merge", "weights", source),
+            fix=f"give {num_layers} values (one per layer) or fewer anchors to interpolate between",
+        )
+
+
+def weight_for(spec: float | list, name: str, num_layers: int, source: str) -> float:
+    """The weight of ``source`` for tensor ``name``.
+
+    A list of numbers is per layer: with one value per layer it is used as is; with fewer it gives anchors
+    spread evenly over the layers and linearly interpolated. Tensors outside the layers take the first value
+    (embeddings) or the last (final norm, lm_head). Filter rules: the first rule whose regex is found in the
+    name wins; a rule without `filter` matches everything.
+
+    >>> weight_for([0.0, 1.0], "model.layers.1.mlp.up_proj.weight", 3, "a")
+    0.5
+    """
+    if isinstance(spec, int | float):
+        return float(spec)
+    if spec and isinstance(spec[0], FilterRule):
+        for rule in spec:
+            if rule.filter is None or re.search(rule.filter, name):
+                return float(rule.value)
+        raise BadInput(
+            f"no weight rule of source {source!r} matches {name!r}",
+            loc=("merge", "weights", source),
+            fix="add a default rule without `filter`, e.g. {value: 1.0}",
+        )
+    values = [float(v) for v in spec]
+    layer = layer_index(name)
+    if layer is None:
+        return values[0] if "embed" in name or "wte" in name or "wpe" in name else values[-1]
+    if len(values) == 1:
+        return values[0]
+    if len(values) == num_layers:
+        return values[layer]
+    position = layer / max(num_layers - 1, 1) * (len(values) - 1)
+    low = min(int(position), len(values) - 2)
+    frac = position - low
+    return values[low] * (1 - frac) + values[low + 1] * frac
