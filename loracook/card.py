@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 from loracook import __version__
-from loracook.plan import LoraTerm, Plan
+from loracook.plan import ModuleTask, Plan, TensorTask
 
 
-def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, method: str) -> str:
+def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, report) -> str:
     base_name = plan.base.config.get("_name_or_path") or plan.base.path.name
-    adapted = sum(1 for t in plan.tasks if any(isinstance(x, LoraTerm) for x in t.terms))
     title = recipe_name or plan.output.name
+    sources = ", ".join(f"`{n}`" for n in plan.sources)
+    if plan.kind == "model":
+        changed = sum(1 for t in plan.tasks if isinstance(t, TensorTask) and t.terms)
+        what = f"the base model merged with {len(plan.sources)} LoRA adapter(s) by `{plan.method}`"
+        facts = [f"- tensors changed: {changed} of {len(plan.tasks)}"]
+        front = ["library_name: transformers"]
+    else:
+        modules = [t for t in plan.tasks if isinstance(t, ModuleTask)]
+        ranks = sorted({t.rank for t in modules})
+        what = f"a PEFT LoRA adapter combining {len(plan.sources)} adapter(s) by `{plan.method}`"
+        facts = [f"- modules: {len(modules)}, ranks {', '.join(map(str, ranks))}"]
+        front = ["library_name: peft", f"base_model: {base_name}"]
+    if report.modules:
+        summary = report.to_json()
+        facts.append(
+            f"- recompression error (relative Frobenius): max {summary['max_relative_error']:.2e}, "
+            f"mean {summary['mean_relative_error']:.2e} (per module in merge_report.json)"
+        )
     lines = [
         "---",
-        "library_name: transformers",
+        *front,
         "tags:",
         "- loracook",
         "- merge",
@@ -21,12 +38,11 @@ def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, method: st
         "",
         f"# {title}",
         "",
-        f"Made with [loracook](https://pypi.org/project/loracook/) {__version__}: the base model merged with "
-        f"{len(plan.sources)} LoRA adapter{'s' if len(plan.sources) != 1 else ''} by `{method}`.",
+        f"Made with loracook {__version__}: {what}.",
         "",
         f"- base: `{base_name}` ({plan.base.num_layers} layers)",
-        f"- sources: {', '.join(f'`{n}`' for n in plan.sources)}",
-        f"- tensors changed: {adapted} of {len(plan.tasks)}",
+        f"- sources: {sources}",
+        *facts,
         "",
         "## Recipe",
         "",

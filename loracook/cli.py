@@ -119,7 +119,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _check_files(loaded) -> None:
     """Open every file the recipe names (headers only) and check that the sources fit the base."""
-    from loracook.plan import make_plan
+    from loracook.planner import make_plan
 
     try:
         make_plan(loaded.recipe, Path(loaded.recipe.output.path or "unused-output"))
@@ -128,7 +128,7 @@ def _check_files(loaded) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from loracook.plan import make_plan
+    from loracook.planner import make_plan
 
     loaded = _load(args.recipe)
     try:
@@ -141,7 +141,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from loracook import engine
-    from loracook.plan import make_plan
+    from loracook.planner import make_plan
 
     loaded = _load(args.recipe, args.seed)
     console = _console()
@@ -160,8 +160,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except BadInput as error:
         raise loaded.locate(error) from None
     console.print(
-        f"[green]wrote[/green] {result.output} ({_size(result.plan.bytes_written)} in {len(result.plan.tasks)} tensors)"
+        f"[green]wrote[/green] {result.output} ({_size(result.plan.bytes_written)}, {len(result.plan.tasks)} tasks)"
     )
+    if result.report.modules:
+        summary = result.report.to_json()
+        console.print(
+            f"recompression: {len(result.report.modules)} modules, relative Frobenius error "
+            f"max {summary['max_relative_error']:.2e}, mean {summary['mean_relative_error']:.2e} (merge_report.json)"
+        )
     return EXIT_OK
 
 
@@ -198,37 +204,58 @@ def _size(n: float) -> str:
 def _print_plan(plan, show_all: bool) -> None:
     from rich.table import Table
 
-    from loracook.plan import BiasTerm, FullTerm, LoraTerm
+    from loracook.plan import ModuleTask
 
     console = _console()
-    table = Table(title=f"plan: {plan.kind} -> {plan.output}", show_lines=False)
-    for column in ("tensor", "shape", "dtype", "terms", "rows/block"):
-        table.add_column(column, justify="left" if column in ("tensor", "terms") else "right")
-    shown = 0
+    table = Table(title=f"plan: {plan.kind} by {plan.method} -> {plan.output}")
+    adapter = plan.kind == "adapter"
+    columns = (
+        ("module", "shape", "terms", "rank out", "how")
+        if adapter
+        else ("tensor", "shape", "dtype", "terms", "rows/block")
+    )
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("tensor", "module", "terms", "how") else "right"
+        )
     for task in plan.tasks:
         if not task.terms and not show_all:
             continue
-        parts = []
-        for term in task.terms:
-            if isinstance(term, LoraTerm):
-                kind = "dora" if term.magnitude is not None else "lora"
-                parts.append(f"{term.source}:{kind} r{term.a.shape[0]} ×{term.weight:g}")
-            elif isinstance(term, FullTerm):
-                parts.append(f"{term.source}:replace ×{term.weight:g}")
-            elif isinstance(term, BiasTerm):
-                parts.append(f"{term.source}:bias ×{term.weight:g}")
-        dtype = str(task.dtype).removeprefix("torch.")
-        table.add_row(
-            task.name, "×".join(map(str, task.shape)), dtype, ", ".join(parts) or "copy", str(task.block_rows)
-        )
-        shown += 1
+        terms = ", ".join(_term_label(t) for t in task.terms) or "copy"
+        if isinstance(task, ModuleTask):
+            how = "exact" if task.exact else ("factored svd" if task.factored else "dense + randomized svd")
+            shape = f"{task.out_features}×{task.in_features}"
+            table.add_row(task.module, shape, terms, str(task.rank), how)
+        elif adapter:
+            table.add_row(task.name, "×".join(map(str, task.shape)), terms, "-", "saved in full")
+        else:
+            dtype = str(task.dtype).removeprefix("torch.")
+            shape = "×".join(map(str, task.shape))
+            rows = str(task.block_rows) if task.streamed else f"{task.block_rows} (whole)"
+            table.add_row(task.name, shape, dtype, terms, rows)
     console.print(table)
     changed = sum(1 for t in plan.tasks if t.terms)
+    noun = "modules" if adapter else "tensors"
     console.print(
-        f"{len(plan.tasks)} tensors ({changed} changed{'' if show_all else ', --all lists the rest'}); "
-        f"read {_size(plan.bytes_read)}, write {_size(plan.bytes_written)}; "
-        f"peak working memory ≈ {_size(plan.peak_memory)} beyond the interpreter"
+        f"{len(plan.tasks)} {noun} ({changed} changed{'' if show_all or adapter else ', --all lists the rest'}); "
+        f"read {_size(plan.bytes_read)}, write {_size(plan.bytes_written)}"
+        f"{' (the adapter)' if adapter else ''}; peak working memory ≈ {_size(plan.peak_memory)} beyond the interpreter"
     )
+
+
+def _term_label(term) -> str:
+    from loracook.plan import BiasTerm, FullTerm, LoraTerm
+
+    if isinstance(term, LoraTerm):
+        kind = "dora" if term.magnitude is not None else "lora"
+        text = f"{term.source}:{kind} r{term.a.shape[0]} ×{term.weight:g}"
+    elif isinstance(term, FullTerm):
+        text = f"{term.source}:replace ×{term.weight:g}"
+    elif isinstance(term, BiasTerm):
+        text = f"{term.source}:bias ×{term.weight:g}"
+    else:
+        text = str(term)
+    return text + (" +dare" if getattr(term, "dare", None) else "")
 
 
 class _progress:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from loracook.card import model_card
 from loracook.errors import BadInput
-from loracook.executor import OnTask, execute
+from loracook.executor import OnTask, OnTensor, Report, execute
 from loracook.io.writer import OutputFolder
-from loracook.plan import Plan, make_plan
+from loracook.plan import Plan
+from loracook.planner import make_plan
 from loracook.recipe.model import Recipe
 
 
@@ -17,6 +19,7 @@ from loracook.recipe.model import Recipe
 class RunResult:
     output: Path
     plan: Plan
+    report: Report
 
 
 def run(
@@ -26,12 +29,13 @@ def run(
     output: Path | None = None,
     force: bool = False,
     on_task: OnTask | None = None,
+    on_tensor: OnTensor | None = None,
     plan: Plan | None = None,
 ) -> RunResult:
     """Plan and execute a recipe, writing into a temporary folder that is renamed into place at the end.
 
     >>> from loracook.recipe import load_recipe  # doctest: +SKIP
-    >>> loaded = load_recipe("recipes/merge-into-model.yaml")  # doctest: +SKIP
+    >>> loaded = load_recipe("recipes/demo.yaml")  # doctest: +SKIP
     >>> run(loaded.recipe, recipe_text=loaded.text).output  # doctest: +SKIP
     """
     target = output or (Path(recipe.output.path) if recipe.output.path else None)
@@ -42,13 +46,18 @@ def run(
     plan = plan or make_plan(recipe, output)
     _check_not_overwriting_inputs(plan)
     with OutputFolder(plan.output, force=force) as out:
-        execute(plan, out, on_task)
-        for path in plan.copy_files:
-            out.copy(path)
-        out.write_text("README.md", model_card(plan, recipe.name, recipe_text, recipe.merge.method))
+        report = execute(plan, out, on_task, on_tensor)
+        if plan.kind == "model":
+            for path in plan.copy_files:
+                out.copy(path)
+        else:
+            out.write_text("adapter_config.json", json.dumps(plan.adapter_config, indent=2) + "\n")
+        if report.modules:
+            out.write_text("merge_report.json", json.dumps(report.to_json(), indent=2) + "\n")
+        out.write_text("README.md", model_card(plan, recipe.name, recipe_text, report))
         out.write_text("loracook_recipe.yaml", recipe_text)
         out.commit()
-    return RunResult(output=plan.output, plan=plan)
+    return RunResult(output=plan.output, plan=plan, report=report)
 
 
 def _check_not_overwriting_inputs(plan: Plan) -> None:

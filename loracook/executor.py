@@ -1,136 +1,316 @@
-"""Walk a plan: read each base tensor in row blocks, add the terms in fp32, cast, hand blocks to the writer.
+"""Walk a plan: read tensors, combine the terms in fp32, cast, and hand the results to the writer.
 
-Working memory is one row block (at most plan.BLOCK_BYTES in fp32) plus the current task's LoRA factors; each
-value is dropped after its task, and each base shard's file handle is closed after its last tensor.
+Model outputs stream: each base tensor is read in row blocks (at most plan.BLOCK_BYTES in fp32) unless its
+method needs the whole delta (TIES, DARE, magnitude pruning, DoRA stored transposed), and blocks are appended
+to shards whose headers were written up front. Adapter outputs are small and are written at the end. Each value
+is dropped after its task, and each input file's handle is closed after its last use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.io.writer import OutputFolder, TensorSpec
 from loracook.ops.lora import dora_delta, lora_rows
-from loracook.plan import BiasTerm, FullTerm, LoraTerm, Plan, TensorTask
+from loracook.plan import BiasTerm, FullTerm, LoraTerm, ModuleTask, Plan, Task, TensorTask, Term, term_infos
 
-OnTask = Callable[[int, int, TensorTask], None]
+OnTask = Callable[[int, int, Task], None]
+OnTensor = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """How well an output module reproduces its exact target (Frobenius norms)."""
+
+    name: str
+    rank: int
+    error: float
+    relative_error: float
+    method: str  # exact | factored-svd | randomized | exact-svd
+
+
+@dataclass
+class Report:
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        errors = [m.relative_error for m in self.modules]
+        return {
+            "modules": [m.__dict__ for m in self.modules],
+            "max_relative_error": max(errors, default=0.0),
+            "mean_relative_error": sum(errors) / len(errors) if errors else 0.0,
+        }
 
 
 @dataclass
 class Readers:
-    """Open file handles by path; closed when the last task that reads a file is done."""
+    """Open file handles by path; each is closed after the last task that reads its file."""
 
     open: dict[str, TensorReader]
     last_use: dict[str, int]
 
-    def get(self, info: TensorInfo, infos: dict[str, TensorInfo] | None = None) -> TensorReader:
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         reader = self.open.get(info.file)
         if reader is None:
-            reader = TensorReader.open(info.file) if infos is None else TensorReader(info.file, infos)
-            self.open[info.file] = reader
-        return reader
-
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return self.get(info).read(info.name, rows)
+            reader = self.open[info.file] = TensorReader.open(info.file)
+        return reader.read(info.name, rows)
 
     def release(self, step: int) -> None:
         for file in [f for f, last in self.last_use.items() if last == step and f in self.open]:
             self.open.pop(file).close()
 
+    def close(self) -> None:
+        for reader in self.open.values():
+            reader.close()
 
-def execute(plan: Plan, out: OutputFolder, on_task: OnTask | None = None) -> None:
-    """Compute every task of ``plan`` and stream it into ``out`` (which the caller commits)."""
-    out.start_tensors([TensorSpec(t.name, t.dtype, t.shape) for t in plan.tasks], plan.shard_size)
+
+def execute(
+    plan: Plan, out: OutputFolder, on_task: OnTask | None = None, on_tensor: OnTensor | None = None
+) -> Report:
+    """Compute every task of ``plan`` into ``out`` (which the caller commits); returns the error report.
+
+    ``on_tensor`` receives each finished output tensor (model outputs only: whole tensors are assembled for it,
+    so use it only when the model fits in memory, e.g. to evaluate the merge without reloading it).
+    """
     readers = Readers({}, _last_use(plan))
+    report = Report()
+    adapter_tensors: dict[str, torch.Tensor] = {}
+    if plan.kind == "model":
+        out.start_tensors([TensorSpec(t.name, t.dtype, t.shape) for t in plan.tasks], plan.shard_size)
     try:
         for step, task in enumerate(plan.tasks):
-            _run_task(task, readers, out)
+            if isinstance(task, ModuleTask):
+                adapter_tensors.update(_module(task, readers, report))
+            elif plan.kind == "adapter":
+                value = _whole(task, readers, report)
+                adapter_tensors[task.out_name or task.name] = value.to(task.dtype)
+            else:
+                _tensor(task, readers, out, report, on_tensor)
             readers.release(step)
             if on_task:
                 on_task(step + 1, len(plan.tasks), task)
     finally:
-        for reader in readers.open.values():
-            reader.close()
-    out.finish_tensors()
+        readers.close()
+    if plan.kind == "model":
+        out.finish_tensors()
+    else:
+        out.save_tensors("adapter_model.safetensors", adapter_tensors)
+    return report
 
 
 def _last_use(plan: Plan) -> dict[str, int]:
     last: dict[str, int] = {}
     for step, task in enumerate(plan.tasks):
-        last[task.base.file] = step
+        if isinstance(task, TensorTask):
+            last[task.base.file] = step
         for term in task.terms:
-            for info in _infos(term):
+            for info in term_infos(term):
                 last[info.file] = step
     return last
 
 
-def _infos(term: LoraTerm | FullTerm | BiasTerm) -> list[TensorInfo]:
-    if isinstance(term, LoraTerm):
-        return [term.a, term.b] + ([term.magnitude] if term.magnitude else [])
-    return [term.tensor] if isinstance(term, FullTerm) else [term.bias]
+# ------------------------------------------------------------------------------------------ model tensors
 
 
-def _run_task(task: TensorTask, readers: Readers, out: OutputFolder) -> None:
+def _tensor(
+    task: TensorTask, readers: Readers, out: OutputFolder, report: Report, on_tensor: OnTensor | None
+) -> None:
     rows = task.shape[0] if task.shape else 1
-    step = task.block_rows
-    if task.passthrough:  # same bytes in and out: no conversion
-        for start in range(0, rows, step) if task.shape else [0]:
-            stop = min(start + step, rows)
-            out.write(task.name, readers.read(task.base, (start, stop) if task.shape else None))
+    spans = (
+        [(s, min(s + task.block_rows, rows)) for s in range(0, rows, task.block_rows)]
+        if task.shape
+        else [None]
+    )
+    if not task.streamed:
+        value = _whole(task, readers, report).to(task.dtype)
+        out.write(task.name, value)
+        if on_tensor:
+            on_tensor(task.name, value)
         return
-    factors = _load_factors(task, readers)
-    for start in range(0, rows, step) if task.shape else [0]:
-        stop = min(start + step, rows)
-        span = (start, stop) if task.shape else None
-        value = readers.read(task.base, span).to(torch.float32)
-        base = value.clone() if any(_needs_base(t) for t in task.terms) else value
-        for term, loaded in zip(task.terms, factors):
-            value += _term_block(term, loaded, base, readers, span)
-        out.write(task.name, value.to(task.dtype))
-        del value, base
+    parts = []
+    factors = _stream_factors(task, readers, report)
+    for span in spans:
+        if task.passthrough:
+            block = readers.read(task.base, span)
+        else:
+            value = readers.read(task.base, span).to(torch.float32)
+            base = value.clone() if any(_needs_base(t) for t in task.terms) else value
+            for term, loaded in zip(task.terms if factors is None else [None], factors or [None]):
+                value += _block(term, loaded, base, readers, span, task)
+            block = value.to(task.dtype)
+        out.write(task.name, block)
+        if on_tensor:
+            parts.append(block)
+    if on_tensor:
+        on_tensor(task.name, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
-def _needs_base(term: LoraTerm | FullTerm | BiasTerm) -> bool:
+def _needs_base(term: Term | None) -> bool:
     return isinstance(term, FullTerm) or (isinstance(term, LoraTerm) and term.magnitude is not None)
 
 
-def _load_factors(task: TensorTask, readers: Readers) -> list[tuple[torch.Tensor, ...]]:
-    """The small per-term tensors, in fp32 with weight and scale folded into B (or the bias)."""
-    loaded: list[tuple[torch.Tensor, ...]] = []
-    for term in task.terms:
-        if isinstance(term, LoraTerm):
-            a = readers.read(term.a).to(torch.float32)
-            b = readers.read(term.b).to(torch.float32) * term.scale
-            if term.magnitude is None:
-                loaded.append((a, b * term.weight))
-            else:  # DoRA: the weight applies to the re-normalised delta, not to B
-                loaded.append((a, b, readers.read(term.magnitude).to(torch.float32)))
-        elif isinstance(term, BiasTerm):
-            loaded.append((readers.read(term.bias).to(torch.float32) * (term.scale * term.weight),))
-        else:
-            loaded.append(())
-    return loaded
+def _stream_factors(task: TensorTask, readers: Readers, report: Report) -> list | None:
+    """For svd into a model: the truncated factors of Σ w_i ΔW_i, as one term. None for other methods."""
+
+    if task.combine.method != "svd" or not task.terms:
+        return None
+    # ops are imported here so that plain merges do not load the heavier math modules
+    from loracook.ops.factored import frobenius_norm, stack_factors, truncate_factors
+
+    pairs = [_scaled_factors(t, readers) for t in task.terms]
+    b, a = stack_factors(pairs)
+    rank = min(task.combine.rank or b.shape[1], b.shape[1])
+    b_k, a_k, err = truncate_factors(b, a, rank)
+    total = float(frobenius_norm(b, a))
+    report.modules.append(
+        ModuleReport(task.name, rank, float(err), float(err) / total if total else 0.0, "factored-svd")
+    )
+    return [(a_k, b_k, task.terms[0].transposed)]
 
 
-def _term_block(
-    term: LoraTerm | FullTerm | BiasTerm,
-    loaded: tuple[torch.Tensor, ...],
-    base: torch.Tensor,
-    readers: Readers,
-    span: tuple[int, int] | None,
+def _scaled_factors(term: LoraTerm, readers: Readers) -> tuple[float, torch.Tensor, torch.Tensor]:
+    a = readers.read(term.a).to(torch.float32)
+    b = readers.read(term.b).to(torch.float32) * term.scale
+    return term.weight, b, a
+
+
+def _block(
+    term: Term | None, loaded, base: torch.Tensor, readers: Readers, span, task: TensorTask
 ) -> torch.Tensor:
+    """One source's weighted delta for the rows ``span`` (exact methods, row-separable terms)."""
+    rows = span or (0, base.shape[0] if base.dim() else 1)
+    if term is None:  # pre-truncated svd factors
+        a, b, transposed = loaded
+        return lora_rows(a, b, transposed, rows)
     if isinstance(term, BiasTerm):
-        return loaded[0][span[0] : span[1]] if span else loaded[0]
+        bias = readers.read(term.bias).to(torch.float32) * (term.scale * term.weight)
+        return bias[rows[0] : rows[1]] if span else bias
     if isinstance(term, FullTerm):
         return (readers.read(term.tensor, span).to(torch.float32) - base) * term.weight
-    rows = span or (0, base.shape[0])
+    a = readers.read(term.a).to(torch.float32)
+    b = readers.read(term.b).to(torch.float32) * term.scale
     if term.magnitude is None:
-        return lora_rows(loaded[0], loaded[1], term.transposed, rows)
-    a, b, magnitude = loaded
-    delta = lora_rows(a, b, term.transposed, rows)
-    if not term.transposed:
-        magnitude = magnitude[rows[0] : rows[1]]
-    return dora_delta(base, delta, magnitude, term.transposed) * term.weight
+        return lora_rows(a, b * term.weight, term.transposed, rows)
+    magnitude = readers.read(term.magnitude).to(torch.float32)[rows[0] : rows[1]]
+    return dora_delta(base, lora_rows(a, b, term.transposed, rows), magnitude, term.transposed) * term.weight
+
+
+def _whole(task: TensorTask, readers: Readers, report: Report) -> torch.Tensor:
+    """The whole tensor W + combine(ΔW_1..n) in fp32, for methods that need each delta whole."""
+    from loracook.ops.combine import combine_dense
+    from loracook.ops.factored import low_rank_dense
+
+    base = readers.read(task.base).to(torch.float32)
+    if not task.terms:
+        return base
+    deltas = [_dense_delta(t, base, readers, task.name) for t in task.terms]
+    combine = task.combine
+    merged = combine_dense(
+        deltas,
+        [t.weight for t in task.terms],
+        method=combine.method,
+        densities=[combine.density(t.source) for t in task.terms],
+        majority_sign=combine.majority_sign,
+        rescale=combine.rescale,
+        seed=combine.seed,
+        names=[f"{task.name}|{t.source}" for t in task.terms],
+    )
+    del deltas
+    if combine.method == "svd" and merged.dim() == 2:
+        low = low_rank_dense(merged, min(combine.rank or min(merged.shape), min(merged.shape)))
+        report.modules.append(
+            ModuleReport(task.name, low.B.shape[1], float(low.err), float(low.rel_err), low.method_used)
+        )
+        merged = low.B @ low.A
+    return base + merged
+
+
+def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) -> torch.Tensor:
+    """One source's unweighted ΔW for the whole tensor, after its own DARE pre-processing."""
+    from loracook.ops.random import tensor_generator
+    from loracook.ops.sparsify import dare
+
+    if isinstance(term, BiasTerm):
+        delta = readers.read(term.bias).to(torch.float32) * term.scale
+    elif isinstance(term, FullTerm):
+        delta = readers.read(term.tensor).to(torch.float32) - base
+    else:
+        a = readers.read(term.a).to(torch.float32)
+        b = readers.read(term.b).to(torch.float32) * term.scale
+        delta = lora_rows(a, b, term.transposed, (0, base.shape[0]))
+        if term.magnitude is not None:
+            magnitude = readers.read(term.magnitude).to(torch.float32)
+            delta = dora_delta(base, delta, magnitude, term.transposed)
+    if term.dare is not None:
+        generator = tensor_generator(term.dare.seed, f"{name}|{term.source}|pre")
+        delta = dare(delta, 1.0 - term.dare.drop, generator, rescale=term.dare.rescale)
+    return delta
+
+
+# ----------------------------------------------------------------------------------------- adapter modules
+
+
+def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, torch.Tensor]:
+    """Merged LoRA factors of one module, padded to ``task.rank``."""
+    from loracook.ops.combine import combine_dense
+    from loracook.ops.factored import frobenius_norm, low_rank_dense, stack_factors, truncate_factors
+    from loracook.ops.random import tensor_generator
+    from loracook.ops.sparsify import dare
+
+    name_a, name_b = task.names
+    if task.factored:
+        b, a = stack_factors([_scaled_factors(t, readers) for t in task.terms])
+        if task.exact:
+            report.modules.append(ModuleReport(task.module, b.shape[1], 0.0, 0.0, "exact"))
+        else:
+            total = float(frobenius_norm(b, a))
+            b, a, err = truncate_factors(b, a, task.rank)
+            report.modules.append(
+                ModuleReport(
+                    task.module, task.rank, float(err), float(err) / total if total else 0.0, "factored-svd"
+                )
+            )
+    else:
+        deltas = []
+        for term in task.terms:
+            w, b, a = _scaled_factors(term, readers)
+            delta = b @ a
+            if term.dare is not None:
+                generator = tensor_generator(term.dare.seed, f"{task.module}.weight|{term.source}|pre")
+                delta = dare(delta, 1.0 - term.dare.drop, generator, rescale=term.dare.rescale)
+            deltas.append(delta)
+        c = task.combine
+        merged = combine_dense(
+            deltas,
+            [t.weight for t in task.terms],
+            method=c.method,
+            densities=[c.density(t.source) for t in task.terms],
+            majority_sign=c.majority_sign,
+            rescale=c.rescale,
+            seed=c.seed,
+            names=[f"{task.module}.weight|{t.source}" for t in task.terms],
+        )
+        del deltas
+        low = low_rank_dense(merged, task.rank, generator=tensor_generator(c.seed, f"{task.module}|svd"))
+        b, a = low.B, low.A
+        report.modules.append(
+            ModuleReport(task.module, task.rank, float(low.err), float(low.rel_err), low.method_used)
+        )
+    b, a = _pad(b, a, task.rank)
+    return {name_a: a.to(task.dtype).contiguous(), name_b: b.to(task.dtype).contiguous()}
+
+
+def _pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    have = b.shape[1]
+    if have == rank:
+        return b, a
+    if have > rank:
+        return b[:, :rank], a[:rank]
+    return (
+        torch.cat([b, b.new_zeros(b.shape[0], rank - have)], dim=1),
+        torch.cat([a, a.new_zeros(rank - have, a.shape[1])], dim=0),
+    )

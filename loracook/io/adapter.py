@@ -71,6 +71,7 @@ class Adapter:
     config: dict[str, Any]
     modules: dict[str, LoraModule]
     full: dict[str, TensorInfo] = field(default_factory=dict)  # base tensor name -> replacement tensor
+    base_layer_copies: frozenset[str] = frozenset()  # adapter tensor names of saved embedding base layers
 
     def reader(self) -> TensorReader:
         return TensorReader.open(self.file)
@@ -166,6 +167,7 @@ def _assemble(
 ) -> Adapter:
     parts: dict[str, dict[str, TensorInfo]] = {}
     full: dict[str, TensorInfo] = {}
+    copies: set[str] = set()
     suffixes = (
         ".lora_A.weight",
         ".lora_B.weight",
@@ -188,6 +190,8 @@ def _assemble(
                 )
             # modules_to_save, trained biases, or an embedding saved with save_embedding_layers: full tensors
             full[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = info
+            if ".base_layer." in name:
+                copies.add(key)
     use_rslora = bool(config.get("use_rslora", False))
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", 8)
@@ -235,4 +239,4 @@ def _assemble(
         )
     if not modules and not full:
         raise BadInput("the adapter holds no LoRA tensors", file=file)
-    return Adapter(path=folder, file=file, config=config, modules=modules, full=full)
+    return Adapter(folder, file, config, modules, full, frozenset(copies))

@@ -113,6 +113,12 @@ class OutputFolder:
 
     # ----------------------------------------------------------------------------------------- side files
 
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write a small safetensors file in one go (adapters)."""
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+
     def write_text(self, name: str, text: str) -> None:
         (self.tmp / name).write_text(text, encoding="utf-8")
 
