@@ -15,13 +15,21 @@ from loracook.errors import BadInput
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="loracook",
         description="Declarative YAML recipes for merging, extracting and evaluating LoRA adapters.",
     )
     parser.add_argument("--version", action="version", version=f"loracook {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="validate, plan and execute a recipe")
     run.add_argument("recipe", type=Path)
@@ -83,7 +91,7 @@ def _print_error(error: BadInput) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------ commands

@@ -49,7 +49,10 @@ def run(
         report = execute(plan, out, on_task, on_tensor)
         if plan.kind == "model":
             for path in plan.copy_files:
-                out.copy(path)
+                if path.name == "config.json":
+                    out.write_text("config.json", _config_with_dtype(path, plan))
+                else:
+                    out.copy(path)
         else:
             out.write_text("adapter_config.json", json.dumps(plan.adapter_config, indent=2) + "\n")
         if report.modules:
@@ -58,6 +61,18 @@ def run(
         out.write_text("loracook_recipe.yaml", recipe_text)
         out.commit()
     return RunResult(output=plan.output, plan=plan, report=report)
+
+
+def _config_with_dtype(path: Path, plan: Plan) -> str:
+    """The base's config.json, with its dtype entry naming the dtype the weights were written in."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    dtypes = {t.dtype for t in plan.tasks if t.dtype.is_floating_point}
+    if len(dtypes) == 1:
+        name = str(dtypes.pop()).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def _check_not_overwriting_inputs(plan: Plan) -> None:

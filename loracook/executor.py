@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loracook.errors import BadInput
 from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.io.writer import OutputFolder, TensorSpec
 from loracook.ops.lora import dora_delta, lora_rows
@@ -87,6 +88,7 @@ def execute(
                 adapter_tensors.update(_module(task, readers, report))
             elif plan.kind == "adapter":
                 value = _whole(task, readers, report)
+                _check_finite(value, task, readers)
                 adapter_tensors[task.out_name or task.name] = value.to(task.dtype)
             else:
                 _tensor(task, readers, out, report, on_tensor)
@@ -126,7 +128,9 @@ def _tensor(
         else [None]
     )
     if not task.streamed:
-        value = _whole(task, readers, report).to(task.dtype)
+        value = _whole(task, readers, report)
+        _check_finite(value, task, readers)
+        value = value.to(task.dtype)
         out.write(task.name, value)
         if on_tensor:
             on_tensor(task.name, value)
@@ -139,14 +143,36 @@ def _tensor(
         else:
             value = readers.read(task.base, span).to(torch.float32)
             base = value.clone() if any(_needs_base(t) for t in task.terms) else value
-            for term, loaded in zip(task.terms if factors is None else [None], factors or [None]):
-                value += _block(term, loaded, base, readers, span, task)
+            if factors is None:
+                for term in task.terms:
+                    value += _block(term, None, base, readers, span, task)
+            else:
+                for loaded in factors:
+                    value += _block(None, loaded, base, readers, span, task)
+            _check_finite(value, task, readers)
             block = value.to(task.dtype)
         out.write(task.name, block)
         if on_tensor:
             parts.append(block)
     if on_tensor:
         on_tensor(task.name, torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
+def _check_finite(value: torch.Tensor, task: TensorTask, readers: Readers) -> None:
+    """Refuse NaN/Inf produced by a merge (as PEFT's safe_merge does) instead of writing a broken model."""
+    if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+        return
+    for term in task.terms:
+        for info in term_infos(term):
+            if not bool(torch.isfinite(readers.read(info).to(torch.float32)).all()):
+                raise BadInput(
+                    f"tensor {info.name} of source {term.source!r} holds NaN or infinite values",
+                    file=info.file,
+                    fix="the adapter is broken; retrain or re-save it",
+                )
+    raise BadInput(
+        f"merging {task.name} overflowed to NaN or infinity", fix="check the merge weights and the sources"
+    )
 
 
 def _needs_base(term: Term | None) -> bool:

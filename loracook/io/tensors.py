@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,11 +167,15 @@ def load_bin(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a PyTorch .bin state dict with ``weights_only=True``: a pickle holding code is refused, not run."""
     path = Path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about old pickle protocols; the refusal below says enough
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except FileNotFoundError:
         raise BadInput("file not found", file=path) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad or unsafe pickle
-        reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+        reason = _first_sentence(str(exc)) or exc.__class__.__name__
         raise BadInput(
             f"refused to load: not a plain weights file ({reason})",
             file=path,
@@ -179,3 +184,13 @@ def load_bin(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise BadInput("a .bin weights file must hold a dict of tensors", file=path)
     return data
+
+
+def _first_sentence(text: str) -> str:
+    """The gist of torch's multi-paragraph unpickling error, e.g. "Unsupported global: GLOBAL posix.system"."""
+    for line in text.splitlines():
+        line = line.strip()
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.split(" was not an allowed global")[0]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first[:200]

@@ -88,7 +88,7 @@ class OutputFolder:
     def start_tensors(self, specs: list[TensorSpec], shard_size: int, stem: str = "model") -> None:
         layout = shard_layout(specs, shard_size)
         names = shard_names(len(layout), stem)
-        self._shards = [_ShardFile(self.tmp / n, s) for n, s in zip(names, layout)]
+        self._shards = [_ShardFile(self.tmp / n, s) for n, s in zip(names, layout, strict=True)]
         self._stem = stem
         self._current = 0
 

@@ -30,7 +30,9 @@ def combine_dense(
     if method in ("linear", "task_arithmetic", "cat", "svd"):
         return sparsify.task_arithmetic(list(deltas), list(weights))
     if method == "magnitude_prune":
-        pruned = [sparsify.magnitude_prune(d, p, rescale=rescale) for d, p in zip(deltas, densities)]
+        pruned = [
+            sparsify.magnitude_prune(d, p, rescale=rescale) for d, p in zip(deltas, densities, strict=True)
+        ]
         return sparsify.task_arithmetic(pruned, list(weights))
     if method == "ties":
         return sparsify.ties(

@@ -66,6 +66,7 @@ def parse_size(value: Any) -> int:
 Size = Annotated[int, BeforeValidator(parse_size), Field(json_schema_extra={"examples": ["2GB"]})]
 SourceName = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.-]*$")]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -163,7 +164,7 @@ class FilterRule(Strict):
     filter: Annotated[str, AfterValidator(_check_regex)] | None = Field(
         None, description="regex searched in the module name; a rule without filter is the default"
     )
-    value: float
+    value: Number
 
 
 def _weight_tag(value: Any) -> str:
@@ -177,8 +178,8 @@ def _weight_tag(value: Any) -> str:
 
 
 Weight = Annotated[
-    Annotated[float, Tag("scalar")]
-    | Annotated[list[float], Field(min_length=1), Tag("layers")]
+    Annotated[Number, Tag("scalar")]
+    | Annotated[list[Number], Field(min_length=1), Tag("layers")]
     | Annotated[list[FilterRule], Field(min_length=1), Tag("rules")],
     Discriminator(_weight_tag),
 ]
@@ -305,7 +306,7 @@ class Evaluate(Strict):
 class Search(Strict):
     examples: PathStr
     budget: int = Field(40, gt=0)
-    bounds: tuple[float, float] = (-1.5, 1.5)
+    bounds: tuple[Number, Number] = (-1.5, 1.5)
     l1: float = Field(0.05, ge=0.0)
 
 
