@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="summarise adapters or models, and how similar adapters are")
     inspect.add_argument("paths", type=Path, nargs="+")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.add_argument("--plot", type=Path, metavar="FILE.png", help="similarity heatmaps and spectra")
+    inspect.add_argument("--modules", action="store_true", help="list every module of each adapter")
 
     evaluate = sub.add_parser("eval", help="run lm-eval on an existing output")
     evaluate.add_argument("model", type=Path)
@@ -71,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": _cmd_validate,
         "plan": _cmd_plan,
         "schema": _cmd_schema,
-        "inspect": _cmd_not_yet,
+        "inspect": _cmd_inspect,
         "eval": _cmd_not_yet,
     }[args.command]
     try:
@@ -194,6 +197,39 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from loracook import inspection
+
+    for path in args.paths:
+        if not path.exists():
+            raise BadInput("no such file or folder", file=path, fix="give adapter or model folders")
+    adapters = [p for p in args.paths if inspection.is_adapter(p)]
+    models = [p for p in args.paths if not inspection.is_adapter(p)]
+    summaries = [inspection.summarize_adapter(p) for p in adapters]
+    model_summaries = [inspection.summarize_model(p) for p in models]
+    similarity = inspection.compare_adapters(adapters) if len(adapters) > 1 else None
+    if args.plot:
+        if not summaries:
+            raise BadInput("--plot needs at least one adapter", file=args.plot)
+        from loracook.plots import plot_inspection
+
+        plot_inspection(args.plot, summaries, similarity)
+    if args.json:
+        payload = {
+            "adapters": [s.to_json() for s in summaries],
+            "models": [m.to_json() for m in model_summaries],
+            "similarity": similarity.to_json() if similarity else None,
+        }
+        print(json.dumps(payload, indent=2))
+        return EXIT_OK
+    _print_inspection(summaries, model_summaries, similarity, args.modules)
+    if args.plot:
+        _console().print(f"[green]wrote[/green] {args.plot}")
+    return EXIT_OK
+
+
 def _cmd_not_yet(args: argparse.Namespace) -> int:
     raise BadInput(f"`loracook {args.command}` is not supported yet")
 
@@ -264,6 +300,55 @@ def _term_label(term) -> str:
     else:
         text = str(term)
     return text + (" +dare" if getattr(term, "dare", None) else "")
+
+
+def _print_inspection(summaries, models, similarity, all_modules: bool) -> None:
+    from rich.table import Table
+
+    console = _console()
+    for model in models:
+        table = Table(title=f"model {model.path}", show_header=False)
+        table.add_row("architecture", model.architecture)
+        table.add_row("parameters", f"{model.parameters / 1e6:,.1f} M in {model.layers} layers")
+        table.add_row("dtypes", ", ".join(f"{k}: {v / 1e6:,.1f} M" for k, v in model.dtypes.items()))
+        table.add_row("shards", ", ".join(f"{name} ({_size(size)})" for name, size in model.shards))
+        console.print(table)
+    for summary in summaries:
+        modules = summary.modules
+        table = Table(title=f"adapter {summary.path}: {len(modules)} modules, ‖ΔW‖_F = {summary.norm:.4g}")
+        for column in ("module", "shape", "rank", "alpha", "scale", "‖ΔW‖_F", "r@90%", "r@99%", "top σ"):
+            table.add_column(column, justify="left" if column == "module" else "right")
+        shown = modules if all_modules or len(modules) <= 24 else modules[:12] + modules[-12:]
+        for m in shown:
+            top = ", ".join(f"{x:.3g}" for x in m.spectrum[:3])
+            table.add_row(
+                m.module,
+                f"{m.shape[0]}×{m.shape[1]}",
+                str(m.rank),
+                f"{m.alpha:g}",
+                f"{m.scale:.3g}",
+                f"{m.norm:.4g}",
+                str(m.rank90),
+                str(m.rank99),
+                top,
+            )
+        console.print(table)
+        if len(shown) < len(modules):
+            console.print(
+                f"({len(modules) - len(shown)} modules not shown; --modules lists all, --json gives everything)"
+            )
+    if similarity is not None:
+        for title, values in (
+            ("cosine similarity of ΔW (all shared modules)", similarity.cosine),
+            ("subspace similarity φ (mean over modules)", similarity.subspace),
+        ):
+            table = Table(title=f"{title}, {similarity.shared_modules} shared modules")
+            table.add_column("")
+            for name in similarity.names:
+                table.add_column(name, justify="right")
+            for name, row in zip(similarity.names, values, strict=True):
+                table.add_row(name, *(f"{v:+.3f}" for v in row))
+            console.print(table)
 
 
 class _progress:

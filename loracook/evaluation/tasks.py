@@ -1,0 +1,413 @@
+"""Turn the ``evaluate.tasks`` entries of a recipe into lm-eval task configs that run offline.
+
+An entry is a task YAML file, a folder of them (searched recursively, ``*.yaml`` and ``*.yml``), or an lm-eval
+task name. Relative paths resolve against the recipe's folder. Local YAML files are read with lm-eval's own
+loader (``include:`` and ``!function`` work as in lm-eval) and handed to lm-eval as config dicts, with every
+relative ``data_files`` entry rewritten to an absolute path against the YAML's folder (lm-eval itself would
+resolve it against the working directory).
+
+Everything a user can get wrong is checked here, before any merge work, and raised as one-line
+:class:`~loracook.errors.BadInput`: unknown task names, missing data files, splits that the data does not
+have, metrics that would need a download (only lm-eval's built-in metrics work offline), malformed YAML,
+and, with ``load=True`` (the default), anything lm-eval itself rejects when it builds the task and reads its
+data. No model is loaded.
+
+The built-in index of lm-eval (~14k tasks, several seconds to build) is only built when an entry is a bare
+name that no local file defines; built-in tasks read their data from the hub, so they are accepted only
+when that data is already in the local datasets cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import glob
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loracook.errors import BadInput
+from loracook.evaluation.offline import import_lm_eval
+
+# Builders of the `datasets` library that read local files through `data_files`.
+FILE_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
+YAML_SUFFIXES = (".yaml", ".yml")
+OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
+# Keys lm-eval accepts in a task YAML besides the TaskConfig fields (it strips them before building).
+STRUCTURAL_KEYS = frozenset({"tag", "group", "task_list", "class", "include"})
+SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+HOW_TO_ADD = "see docs/evaluation.md, 'Adding a task'"
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    """One lm-eval task, ready to run: a local config dict (``file`` set) or a built-in name (``file=None``)."""
+
+    name: str
+    file: Path | None
+    output_type: str
+    metrics: tuple[str, ...]
+    config: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def builtin(self) -> bool:
+        return self.file is None
+
+    def lm_eval_spec(self) -> str | dict[str, Any]:
+        """What ``simple_evaluate(tasks=[...])`` takes: a fresh copy of the config (lm-eval mutates it)."""
+        return self.name if self.config is None else copy.deepcopy(dict(self.config))
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """The resolved tasks of one evaluation, in the order given.
+
+    >>> tasks = resolve_tasks(["tasks/"], Path("recipes"))  # doctest: +SKIP
+    >>> tasks.names  # doctest: +SKIP
+    ('loracook_arithmetic', 'loracook_capitals', 'loracook_capitals_gen')
+    """
+
+    tasks: tuple[ResolvedTask, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(task.name for task in self.tasks)
+
+    @property
+    def needs_builtin_index(self) -> bool:
+        return any(task.builtin for task in self.tasks)
+
+    def lm_eval_specs(self) -> list[str | dict[str, Any]]:
+        return [task.lm_eval_spec() for task in self.tasks]
+
+    def task_manager(self) -> Any:
+        """An lm-eval TaskManager: empty (local tasks are dicts) unless a built-in task is used."""
+        if self.needs_builtin_index:
+            return _builtin_manager()
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(include_defaults=False)
+
+
+def resolve_tasks(
+    specs: Sequence[str],
+    root: str | Path,
+    *,
+    load: bool = True,
+    loc: Sequence[str | int] = ("evaluate", "tasks"),
+) -> TaskSet:
+    """Resolve task names, task YAML files and folders of them (relative to ``root``) into a TaskSet.
+
+    ``load=True`` also lets lm-eval build each task and read its data (a second or two, no model);
+    ``load=False`` keeps to the static checks. Errors are :class:`BadInput` naming the file and the fix;
+    ``loc`` is the recipe location of ``specs`` (the index of the entry is appended).
+
+    >>> resolve_tasks(["./tasks/capitals.yaml"], Path("recipes")).names  # doctest: +SKIP
+    ('loracook_capitals',)
+    """
+    import_lm_eval()
+    root = Path(root)
+    local: dict[str, ResolvedTask] = {}
+    order: list[tuple[int, str]] = []  # (entry index, task name) in the order given
+    names: list[tuple[int, str]] = []  # bare names, resolved once every local file is known
+    for index, spec in enumerate(specs):
+        where = (*loc, index)
+        if not isinstance(spec, str) or not spec.strip():
+            raise BadInput(f"task entry {spec!r} is empty", loc=where, fix="give a task name, YAML file or folder")
+        path = (root / Path(spec).expanduser()).resolve()
+        if path.is_dir():
+            found = _task_files(path)
+            if not found:
+                raise BadInput(
+                    "the task folder holds no task YAML file", file=path, loc=where, fix=HOW_TO_ADD
+                )
+            for file in found:
+                task = _local_task(file, skip_templates=True)
+                if task is not None:
+                    _add(local, order, task, index, where)
+        elif path.is_file():
+            _add(local, order, _local_task(path), index, where)
+        elif _looks_like_path(spec):
+            raise BadInput(
+                f"task file {spec!r} not found", file=path, loc=where, fix="check the path (relative to the recipe)"
+            )
+        else:
+            names.append((index, spec.strip()))
+            order.append((index, spec.strip()))
+    builtin: dict[str, ResolvedTask] = {}
+    for index, name in names:
+        if name not in local and name not in builtin:
+            builtin[name] = _builtin_task(name, sorted(local), (*loc, index))
+    tasks: list[ResolvedTask] = []
+    seen: set[str] = set()
+    for _, name in order:
+        if name not in seen:
+            seen.add(name)
+            tasks.append(local.get(name) or builtin[name])
+    task_set = TaskSet(tuple(tasks))
+    if load:
+        for task in task_set.tasks:
+            if not task.builtin:
+                _try_build(task)
+    return task_set
+
+
+# -------------------------------------------------------------------------------------------------- local
+
+
+def _task_files(folder: Path) -> list[Path]:
+    files = [p for suffix in YAML_SUFFIXES for p in folder.rglob(f"*{suffix}")]
+    return sorted(p for p in files if not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or "/" in spec or "\\" in spec or spec.endswith(YAML_SUFFIXES)
+
+
+def _add(
+    local: dict[str, ResolvedTask],
+    order: list[tuple[int, str]],
+    task: ResolvedTask,
+    index: int,
+    where: Sequence[str | int],
+) -> None:
+    previous = local.get(task.name)
+    if previous is not None and previous.file != task.file:
+        raise BadInput(
+            f"two task files define the task {task.name!r} ({previous.file} and {task.file})",
+            file=task.file,
+            loc=where,
+            fix="give each task a unique `task:` name",
+        )
+    local[task.name] = task
+    order.append((index, task.name))
+
+
+def _local_task(file: Path, *, skip_templates: bool = False) -> ResolvedTask | None:
+    """Read and check one task YAML; None for an include-only template found in a folder."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        raw = load_yaml(file, resolve_func=False)
+    except FileNotFoundError as exc:  # a missing `include:` target
+        raise BadInput(
+            f"malformed task YAML: included file {exc.filename} not found", file=file, fix="fix the include path"
+        ) from None
+    except Exception as exc:  # yaml.YAMLError, a non-mapping document, an include cycle
+        raise BadInput(f"malformed task YAML: {_first_line(exc)}", file=file, fix=HOW_TO_ADD) from None
+    if "group" in raw:
+        raise BadInput(
+            "task groups are not supported in local task files", file=file, fix="list the task files instead"
+        )
+    if not isinstance(raw.get("task"), str) or not raw["task"].strip():
+        if skip_templates:
+            return None
+        raise BadInput("malformed task YAML: it has no `task:` name", file=file, fix=HOW_TO_ADD)
+    _check_keys(raw, file)
+    name = raw["task"]
+    output_type = raw.get("output_type", "generate_until")
+    if output_type not in OUTPUT_TYPES:
+        raise BadInput(
+            f"task {name!r} has unknown output_type {output_type!r}",
+            file=file,
+            fix=f"use one of {', '.join(OUTPUT_TYPES)}",
+        )
+    metrics = _check_metrics(raw, name, output_type, file)
+    try:
+        config = load_yaml(file, resolve_func=True)  # imports `!function` helpers next to the YAML
+    except Exception as exc:
+        raise BadInput(f"task {name!r}: {_first_line(exc)}", file=file, fix="fix the `!function` reference") from None
+    if "class" not in config and config.get("custom_dataset") is None:
+        _absolute_data(config, name, file)
+    return ResolvedTask(name=name, file=file, output_type=output_type, metrics=metrics, config=config)
+
+
+def _check_keys(raw: Mapping[str, Any], file: Path) -> None:
+    from lm_eval.config.task import TaskConfig
+
+    known = {f.name for f in dataclasses.fields(TaskConfig)} | STRUCTURAL_KEYS
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise BadInput(
+                f"malformed task YAML: unknown key {key!r}",
+                file=file,
+                fix=f"did you mean {hint[0]!r}?" if hint else HOW_TO_ADD,
+            )
+
+
+def builtin_metrics() -> tuple[str, ...]:
+    """Metrics lm-eval computes itself (everything else is fetched by the evaluate library from the hub)."""
+    from lm_eval.api.registry import metric_registry
+
+    import lm_eval.api.metrics  # noqa: F401  (fills the registry)
+
+    return tuple(sorted(metric_registry.keys()))
+
+
+def _check_metrics(raw: Mapping[str, Any], name: str, output_type: str, file: Path) -> tuple[str, ...]:
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY, aggregation_registry
+
+    metric_list = raw.get("metric_list")
+    if metric_list is None:
+        return tuple(DEFAULT_METRIC_REGISTRY[output_type])
+    if not isinstance(metric_list, list) or not metric_list:
+        raise BadInput(f"task {name!r}: metric_list must be a list of {{metric: ...}} entries", file=file)
+    builtin = builtin_metrics()
+    custom_results = raw.get("process_results") is not None  # metric names are then just result keys
+    names: list[str] = []
+    for entry in metric_list:
+        if not isinstance(entry, Mapping) or "metric" not in entry:
+            raise BadInput(f"task {name!r}: every metric_list entry needs a `metric:` key", file=file)
+        metric = entry["metric"]
+        if not isinstance(metric, str):
+            raise BadInput(f"task {name!r}: metric {metric!r} is not a name", file=file)
+        is_function = metric.startswith("!function") or _is_function_node(metric)
+        if entry.get("hf_evaluate") is True:
+            raise BadInput(
+                f"task {name!r}: metric {metric!r} uses the evaluate library (hf_evaluate: true), "
+                "which downloads it from the hub and does not work offline",
+                file=file,
+                fix=f"drop hf_evaluate and use a built-in metric: {', '.join(builtin)}",
+            )
+        if metric not in builtin and not custom_results and not is_function:
+            raise BadInput(
+                f"task {name!r}: metric {metric!r} is not available offline (not a built-in lm-eval metric; "
+                "lm-eval would fetch it from the hub with the evaluate library)",
+                file=file,
+                fix=f"use one of {', '.join(builtin)}, or compute it in a process_results function",
+            )
+        aggregation = entry.get("aggregation")
+        if isinstance(aggregation, str) and aggregation not in aggregation_registry:
+            raise BadInput(
+                f"task {name!r}: unknown aggregation {aggregation!r} for metric {metric!r}",
+                file=file,
+                fix=f"use one of {', '.join(sorted(aggregation_registry.keys()))}",
+            )
+        names.append(metric)
+    return tuple(names)
+
+
+def _is_function_node(value: str) -> bool:
+    # load_yaml(resolve_func=False) turns `metric: !function utils.f` into an absolute "<dir>/utils.f" path
+    return "/" in value or "\\" in value
+
+
+def _absolute_data(config: dict[str, Any], name: str, file: Path) -> None:
+    """Rewrite relative data paths against the YAML's folder, check they exist, and check the splits."""
+    dataset_path = config.get("dataset_path")
+    if not isinstance(dataset_path, str) or not dataset_path:
+        raise BadInput(f"task {name!r} has no dataset_path", file=file, fix="use `dataset_path: json` with data_files")
+    kwargs = config.get("dataset_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadInput(f"task {name!r}: dataset_kwargs must be a mapping", file=file)
+    local_dir = (file.parent / dataset_path).resolve()
+    if dataset_path.lower() in FILE_BUILDERS:
+        data_files = kwargs.get("data_files")
+        if data_files is None:
+            raise BadInput(
+                f"task {name!r} reads {dataset_path} files but gives no data_files",
+                file=file,
+                fix="add dataset_kwargs: {data_files: {test: your_data.jsonl}}",
+            )
+        kwargs["data_files"] = _absolute_files(data_files, name, file)
+        config["dataset_kwargs"] = kwargs
+        splits = set(kwargs["data_files"]) if isinstance(kwargs["data_files"], dict) else {"train"}
+        for key in SPLIT_KEYS:
+            split = config.get(key)
+            if split is not None and split not in splits:
+                raise BadInput(
+                    f"task {name!r}: {key} {split!r} is not among the data_files splits ({', '.join(sorted(splits))})",
+                    file=file,
+                    fix=f"name the split {split!r} in data_files, or change {key}",
+                )
+    elif dataset_path.startswith((".", "/", "~")) or local_dir.is_dir():
+        if not local_dir.exists():
+            raise BadInput(f"task {name!r}: data folder {dataset_path!r} not found", file=file, fix="check the path")
+        config["dataset_path"] = str(local_dir)
+        if isinstance(kwargs.get("data_files"), (str, list, dict)):
+            kwargs["data_files"] = _absolute_files(kwargs["data_files"], name, file)
+    # else: a hub dataset id; whether it is in the local cache shows when the task is built (load=True)
+
+
+def _absolute_files(data_files: Any, name: str, file: Path) -> Any:
+    if isinstance(data_files, dict):
+        return {split: _absolute_files(value, name, file) for split, value in data_files.items()}
+    if isinstance(data_files, list):
+        return [_absolute_files(value, name, file) for value in data_files]
+    if not isinstance(data_files, str):
+        raise BadInput(f"task {name!r}: data_files entry {data_files!r} is not a path", file=file)
+    path = Path(data_files).expanduser()
+    path = path if path.is_absolute() else (file.parent / path).resolve()
+    if not (glob.glob(str(path)) if glob.has_magic(str(path)) else path.is_file()):
+        raise BadInput(
+            f"task {name!r}: data file {data_files!r} not found (looked for {path})",
+            file=file,
+            fix="data_files are relative to the task YAML's folder",
+        )
+    return str(path)
+
+
+def _try_build(task: ResolvedTask) -> None:
+    """Let lm-eval build the task once: reads the data and renders the first prompt. Cheap; no model."""
+    from lm_eval.api.task import ConfigurableTask
+
+    config = task.lm_eval_spec()
+    assert isinstance(config, dict)
+    for key in ("tag", "group", "task_list"):
+        config.pop(key, None)
+    if "class" in config:
+        return  # a Python task: lm-eval decides how to build it
+    try:
+        ConfigurableTask(config=config)
+    except BadInput:
+        raise
+    except IndexError:
+        raise BadInput(f"task {task.name!r}: its evaluation split is empty", file=task.file) from None
+    except Exception as exc:
+        raise BadInput(f"task {task.name!r} cannot be loaded: {_first_line(exc)}", file=task.file, fix=HOW_TO_ADD) from None
+
+
+# ----------------------------------------------------------------------------------------------- built-in
+
+
+@functools.cache
+def _builtin_manager() -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()  # indexes the ~14k built-in tasks: seconds, so built once and only when needed
+
+
+def _builtin_task(name: str, local_names: list[str], where: Sequence[str | int]) -> ResolvedTask:
+    manager = _builtin_manager()
+    entry = manager.task_index.get(name)
+    if entry is None:
+        hint = difflib.get_close_matches(name, [*local_names, *manager.all_tasks], n=1)
+        raise BadInput(
+            f"unknown task {name!r}: not a task YAML file or folder, and not an lm-eval task",
+            loc=where,
+            fix=f"did you mean {hint[0]!r}?" if hint else "give the path of a task YAML file (" + HOW_TO_ADD + ")",
+        )
+    dataset = (entry.cfg or {}).get("dataset_path") if entry.cfg else None
+    try:
+        loaded = manager.load([name])
+    except Exception as exc:
+        what = f"the hub dataset {dataset!r}" if dataset else "hub data"
+        raise BadInput(
+            f"lm-eval task {name!r} needs {what}, which is not available offline ({_first_line(exc)})",
+            loc=where,
+            fix="copy the task YAML next to a local copy of its data (data_files); " + HOW_TO_ADD,
+        ) from None
+    tasks = loaded["tasks"]
+    first = next(iter(tasks.values()), None)
+    output_type = first.get_config("output_type") if first is not None and len(tasks) == 1 else "group"
+    metrics = tuple(first._metric_fn_list) if first is not None and len(tasks) == 1 else ()
+    return ResolvedTask(name=name, file=None, output_type=output_type, metrics=metrics)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
