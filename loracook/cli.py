@@ -152,26 +152,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from loracook import engine
-    from loracook.planner import make_plan
 
     loaded = _load(args.recipe, args.seed)
     console = _console()
+    quiet = args.quiet or (not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1")
     try:
-        plan = make_plan(loaded.recipe, args.output)
-        quiet = args.quiet or not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1"
         with _progress(console, quiet) as on_task:
             result = engine.run(
-                loaded.recipe,
-                recipe_text=loaded.text,
-                output=args.output,
-                force=args.force,
-                on_task=on_task,
-                plan=plan,
+                loaded.recipe, recipe_text=loaded.text, output=args.output, force=args.force, on_task=on_task
             )
     except BadInput as error:
         raise loaded.locate(error) from None
+    for report in result.extractions.values():
+        _print_extraction(report)
+    plan = result.plan
     console.print(
-        f"[green]wrote[/green] {result.output} ({_size(result.plan.bytes_written)}, {len(result.plan.tasks)} tasks)"
+        f"[green]wrote[/green] {result.output} ({_size(plan.bytes_written)}, {len(plan.tasks)} tasks)"
     )
     if result.report.modules:
         summary = result.report.to_json()
@@ -180,6 +176,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"max {summary['max_relative_error']:.2e}, mean {summary['mean_relative_error']:.2e} (merge_report.json)"
         )
     return EXIT_OK
+
+
+def _print_extraction(report) -> None:
+    from rich.table import Table
+
+    console = _console()
+    summary = report.to_json()
+    loras = [m for m in report.modules if m.kind in ("lora", "embedding-lora")]
+    table = Table(title=f"extraction {report.source}: {len(loras)} LoRA modules (worst first)")
+    for column in ("tensor", "kind", "rank", "energy kept", "relative error", "‖ΔW‖/‖W‖", "svd"):
+        table.add_column(column, justify="left" if column in ("tensor", "kind", "svd") else "right")
+    worst = sorted(report.modules, key=lambda m: -m.relative_error)
+    shown = [m for m in worst if m.kind != "unchanged"][:15]
+    for m in shown:
+        table.add_row(
+            m.name,
+            m.kind,
+            str(m.rank),
+            f"{m.energy:.4f}",
+            f"{m.relative_error:.3e}",
+            f"{m.change:.2e}",
+            m.method,
+        )
+    console.print(table)
+    counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items())
+    console.print(
+        f"{counts}; max relative error {summary['max_relative_error']:.3e}, mean energy kept "
+        f"{summary['mean_energy']:.4f}; every module in extract_report.json"
+    )
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -278,6 +303,12 @@ def _print_plan(plan, show_all: bool) -> None:
             rows = str(task.block_rows) if task.streamed else f"{task.block_rows} (whole)"
             table.add_row(task.name, shape, dtype, terms, rows)
     console.print(table)
+    for note in plan.notes:
+        console.print(note)
+    if plan.virtual:
+        console.print(
+            "extract sources are shown at their maximum rank; the extraction decides the real ranks"
+        )
     changed = sum(1 for t in plan.tasks if t.terms)
     noun = "modules" if adapter else "tensors"
     console.print(
@@ -374,8 +405,8 @@ class _progress:
         self.bar.start()
         self.task = self.bar.add_task("", total=None)
 
-        def on_task(done: int, total: int, task) -> None:
-            self.bar.update(self.task, completed=done, total=total, description=task.name)
+        def on_task(done: int, total: int, label: str) -> None:
+            self.bar.update(self.task, completed=done, total=total, description=label)
 
         return on_task
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracook.card import model_card
 from loracook.errors import BadInput
 from loracook.executor import OnTask, OnTensor, Report, execute
+from loracook.extraction import ExtractReport, extract, plan_extraction
+from loracook.io.resolve import resolve_path
 from loracook.io.writer import OutputFolder
 from loracook.plan import Plan
-from loracook.planner import make_plan
-from loracook.recipe.model import Recipe
+from loracook.planner import load_base, make_plan
+from loracook.recipe.model import ExtractSource, Recipe
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class RunResult:
     output: Path
     plan: Plan
     report: Report
+    extractions: dict[str, ExtractReport] = field(default_factory=dict)
 
 
 def run(
@@ -30,37 +34,77 @@ def run(
     force: bool = False,
     on_task: OnTask | None = None,
     on_tensor: OnTensor | None = None,
-    plan: Plan | None = None,
 ) -> RunResult:
-    """Plan and execute a recipe, writing into a temporary folder that is renamed into place at the end.
+    """Extract, plan and execute a recipe, writing into a temporary folder renamed into place at the end.
 
     >>> from loracook.recipe import load_recipe  # doctest: +SKIP
     >>> loaded = load_recipe("recipes/demo.yaml")  # doctest: +SKIP
     >>> run(loaded.recipe, recipe_text=loaded.text).output  # doctest: +SKIP
     """
     target = output or (Path(recipe.output.path) if recipe.output.path else None)
-    if target is not None and target.exists() and not force:
+    if target is None:
+        raise BadInput(
+            "no output path", loc=("output",), fix="set output.path in the recipe or pass --output"
+        )
+    if target.exists() and not force:
         raise BadInput(
             "the output already exists", file=target, loc=("output", "path"), fix="pass --force to replace it"
         )
-    plan = plan or make_plan(recipe, output)
-    _check_not_overwriting_inputs(plan)
-    with OutputFolder(plan.output, force=force) as out:
-        report = execute(plan, out, on_task, on_tensor)
-        if plan.kind == "model":
-            for path in plan.copy_files:
-                if path.name == "config.json":
-                    out.write_text("config.json", _config_with_dtype(path, plan))
-                else:
-                    out.copy(path)
-        else:
-            out.write_text("adapter_config.json", json.dumps(plan.adapter_config, indent=2) + "\n")
-        if report.modules:
-            out.write_text("merge_report.json", json.dumps(report.to_json(), indent=2) + "\n")
-        out.write_text("README.md", model_card(plan, recipe.name, recipe_text, report))
-        out.write_text("loracook_recipe.yaml", recipe_text)
-        out.commit()
-    return RunResult(output=plan.output, plan=plan, report=report)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(
+            f"cannot create the output's parent folder: {exc.strerror}", file=target.parent
+        ) from None
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.extract-", dir=target.parent) as work:
+        extracted, reports = _extract_sources(recipe, Path(work), on_task)
+        plan = make_plan(recipe, target, extracted)
+        _check_not_overwriting_inputs(plan, recipe)
+        with OutputFolder(plan.output, force=force) as out:
+            report = execute(plan, out, on_task, on_tensor)
+            if plan.kind == "model":
+                for path in plan.copy_files:
+                    if path.name == "config.json":
+                        out.write_text("config.json", _config_with_dtype(path, plan))
+                    else:
+                        out.copy(path)
+            else:
+                out.write_text("adapter_config.json", json.dumps(plan.adapter_config, indent=2) + "\n")
+            if report.modules:
+                out.write_text("merge_report.json", json.dumps(report.to_json(), indent=2) + "\n")
+            if reports:
+                payload = {name: r.to_json() for name, r in reports.items()}
+                out.write_text("extract_report.json", json.dumps(payload, indent=2) + "\n")
+            out.write_text("README.md", model_card(plan, recipe.name, recipe_text, report))
+            out.write_text("loracook_recipe.yaml", recipe_text)
+            out.commit()
+    return RunResult(output=plan.output, plan=plan, report=report, extractions=reports)
+
+
+def _extract_sources(recipe: Recipe, work: Path, on_task: OnTask | None):
+    """Run each extract source into a PEFT adapter under ``work``; the merge then reads it like any adapter."""
+    extracted: dict[str, Path] = {}
+    reports: dict[str, ExtractReport] = {}
+    jobs = {n: s for n, s in recipe.sources.items() if isinstance(s, ExtractSource)}
+    if not jobs:
+        return extracted, reports
+    base = load_base(recipe)
+    for name, source in jobs.items():
+        try:
+            job = plan_extraction(
+                name, source.extract, base, resolve_path(source.extract.model, kind="fine-tune")
+            )
+        except BadInput as error:
+            error.loc = error.loc or ("sources", name)
+            raise
+
+        def progress(done: int, total: int, label: str, name: str = name) -> None:
+            if on_task:
+                on_task(done, total, f"extract {name}: {label}")
+
+        reports[name] = extract(job, work / name, seed=recipe.merge.seed, on_item=progress)
+        extracted[name] = work / name
+    return extracted, reports
 
 
 def _config_with_dtype(path: Path, plan: Plan) -> str:
@@ -75,7 +119,7 @@ def _config_with_dtype(path: Path, plan: Plan) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def _check_not_overwriting_inputs(plan: Plan) -> None:
+def _check_not_overwriting_inputs(plan: Plan, recipe: Recipe) -> None:
     dest = plan.output.resolve()
     inputs = [plan.base.path] + [a.path for a in plan.sources.values()]
     for path in inputs:

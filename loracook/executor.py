@@ -17,9 +17,9 @@ from loracook.errors import BadInput
 from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.io.writer import OutputFolder, TensorSpec
 from loracook.ops.lora import dora_delta, lora_rows
-from loracook.plan import BiasTerm, FullTerm, LoraTerm, ModuleTask, Plan, Task, TensorTask, Term, term_infos
+from loracook.plan import BiasTerm, FullTerm, LoraTerm, ModuleTask, Plan, TensorTask, Term, term_infos
 
-OnTask = Callable[[int, int, Task], None]
+OnTask = Callable[[int, int, str], None]  # done, total, what is being worked on
 OnTensor = Callable[[str, torch.Tensor], None]
 
 
@@ -94,7 +94,7 @@ def execute(
                 _tensor(task, readers, out, report, on_tensor)
             readers.release(step)
             if on_task:
-                on_task(step + 1, len(plan.tasks), task)
+                on_task(step + 1, len(plan.tasks), task.module if isinstance(task, ModuleTask) else task.name)
     finally:
         readers.close()
     if plan.kind == "model":

@@ -227,6 +227,12 @@ class Plan:
     sources: dict[str, Adapter] = field(default_factory=dict)
     copy_files: tuple[Path, ...] = ()
     adapter_config: dict | None = None  # the adapter_config.json to write, for kind adapter
+    notes: tuple[str, ...] = ()  # e.g. the extractions that run before this plan
+
+    @property
+    def virtual(self) -> bool:
+        """True when some source is an extraction not yet run: the plan shows its upper bound."""
+        return any(a.virtual for a in self.sources.values())
 
     @property
     def bytes_read(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,23 +42,36 @@ def load_base(recipe: Recipe) -> Checkpoint:
         raise
 
 
-def load_sources(recipe: Recipe) -> dict[str, Adapter]:
+def load_sources(
+    recipe: Recipe, base: Checkpoint, extracted: dict[str, Path] | None = None
+) -> tuple[dict[str, Adapter], list[str]]:
+    """Open every source's headers. An extract source not yet extracted becomes a virtual adapter at its
+    maximum rank (what `plan` and `validate` show); returns the adapters and the extraction summaries."""
+    from loracook.extraction import describe, plan_extraction, virtual_adapter
+
     adapters: dict[str, Adapter] = {}
+    notes: list[str] = []
     for name, source in recipe.sources.items():
-        if isinstance(source, ExtractSource):
-            raise Unsupported(
-                "extract sources are not supported yet", loc=("sources", name), fix="use a PEFT adapter"
-            )
-        path = source.adapter if isinstance(source, AdapterSource) else source
         try:
+            if isinstance(source, ExtractSource):
+                if extracted and name in extracted:
+                    adapters[name] = open_adapter(extracted[name])
+                    continue
+                job = plan_extraction(
+                    name, source.extract, base, resolve_path(source.extract.model, kind="fine-tune")
+                )
+                adapters[name] = virtual_adapter(job)
+                notes.append(describe(job))
+                continue
+            path = source.adapter if isinstance(source, AdapterSource) else source
             adapters[name] = open_adapter(resolve_path(path, kind="adapter"))
         except BadInput as error:
             error.loc = error.loc or ("sources", name)
             raise
-    return adapters
+    return adapters, notes
 
 
-def make_plan(recipe: Recipe, output: Path | None = None) -> Plan:
+def make_plan(recipe: Recipe, output: Path | None = None, extracted: dict[str, Path] | None = None) -> Plan:
     """Check the recipe against the files' headers and build the task list.
 
     >>> plan = make_plan(load_recipe("recipes/demo.yaml").recipe)  # doctest: +SKIP
@@ -71,13 +85,15 @@ def make_plan(recipe: Recipe, output: Path | None = None) -> Plan:
     combine = _combine(recipe)
     _check_method_options(recipe, combine)
     base = load_base(recipe)
-    sources = load_sources(recipe)
+    sources, notes = load_sources(recipe, base, extracted)
     for name, spec in recipe.merge.weights.items():
         check_weight(spec, base.num_layers, name)
     terms = _collect_terms(recipe, base, sources)
     if recipe.output.kind == "model":
-        return _model_plan(recipe, out, base, sources, terms, combine)
-    return _adapter_plan(recipe, out, base, sources, terms, combine)
+        plan = _model_plan(recipe, out, base, sources, terms, combine)
+    else:
+        plan = _adapter_plan(recipe, out, base, sources, terms, combine)
+    return replace(plan, notes=tuple(notes))
 
 
 def _combine(recipe: Recipe) -> Combine:

@@ -116,7 +116,9 @@ def resolve_tasks(
     for index, spec in enumerate(specs):
         where = (*loc, index)
         if not isinstance(spec, str) or not spec.strip():
-            raise BadInput(f"task entry {spec!r} is empty", loc=where, fix="give a task name, YAML file or folder")
+            raise BadInput(
+                f"task entry {spec!r} is empty", loc=where, fix="give a task name, YAML file or folder"
+            )
         path = (root / Path(spec).expanduser()).resolve()
         if path.is_dir():
             found = _task_files(path)
@@ -132,7 +134,10 @@ def resolve_tasks(
             _add(local, order, _local_task(path), index, where)
         elif _looks_like_path(spec):
             raise BadInput(
-                f"task file {spec!r} not found", file=path, loc=where, fix="check the path (relative to the recipe)"
+                f"task file {spec!r} not found",
+                file=path,
+                loc=where,
+                fix="check the path (relative to the recipe)",
             )
         else:
             names.append((index, spec.strip()))
@@ -160,7 +165,9 @@ def resolve_tasks(
 
 def _task_files(folder: Path) -> list[Path]:
     files = [p for suffix in YAML_SUFFIXES for p in folder.rglob(f"*{suffix}")]
-    return sorted(p for p in files if not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+    return sorted(
+        p for p in files if not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts)
+    )
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -194,7 +201,9 @@ def _local_task(file: Path, *, skip_templates: bool = False) -> ResolvedTask | N
         raw = load_yaml(file, resolve_func=False)
     except FileNotFoundError as exc:  # a missing `include:` target
         raise BadInput(
-            f"malformed task YAML: included file {exc.filename} not found", file=file, fix="fix the include path"
+            f"malformed task YAML: included file {exc.filename} not found",
+            file=file,
+            fix="fix the include path",
         ) from None
     except Exception as exc:  # yaml.YAMLError, a non-mapping document, an include cycle
         raise BadInput(f"malformed task YAML: {_first_line(exc)}", file=file, fix=HOW_TO_ADD) from None
@@ -219,7 +228,9 @@ def _local_task(file: Path, *, skip_templates: bool = False) -> ResolvedTask | N
     try:
         config = load_yaml(file, resolve_func=True)  # imports `!function` helpers next to the YAML
     except Exception as exc:
-        raise BadInput(f"task {name!r}: {_first_line(exc)}", file=file, fix="fix the `!function` reference") from None
+        raise BadInput(
+            f"task {name!r}: {_first_line(exc)}", file=file, fix="fix the `!function` reference"
+        ) from None
     if "class" not in config and config.get("custom_dataset") is None:
         _absolute_data(config, name, file)
     return ResolvedTask(name=name, file=file, output_type=output_type, metrics=metrics, config=config)
@@ -241,9 +252,8 @@ def _check_keys(raw: Mapping[str, Any], file: Path) -> None:
 
 def builtin_metrics() -> tuple[str, ...]:
     """Metrics lm-eval computes itself (everything else is fetched by the evaluate library from the hub)."""
-    from lm_eval.api.registry import metric_registry
-
     import lm_eval.api.metrics  # noqa: F401  (fills the registry)
+    from lm_eval.api.registry import metric_registry
 
     return tuple(sorted(metric_registry.keys()))
 
@@ -300,7 +310,9 @@ def _absolute_data(config: dict[str, Any], name: str, file: Path) -> None:
     """Rewrite relative data paths against the YAML's folder, check they exist, and check the splits."""
     dataset_path = config.get("dataset_path")
     if not isinstance(dataset_path, str) or not dataset_path:
-        raise BadInput(f"task {name!r} has no dataset_path", file=file, fix="use `dataset_path: json` with data_files")
+        raise BadInput(
+            f"task {name!r} has no dataset_path", file=file, fix="use `dataset_path: json` with data_files"
+        )
     kwargs = config.get("dataset_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise BadInput(f"task {name!r}: dataset_kwargs must be a mapping", file=file)
@@ -326,7 +338,9 @@ def _absolute_data(config: dict[str, Any], name: str, file: Path) -> None:
                 )
     elif dataset_path.startswith((".", "/", "~")) or local_dir.is_dir():
         if not local_dir.exists():
-            raise BadInput(f"task {name!r}: data folder {dataset_path!r} not found", file=file, fix="check the path")
+            raise BadInput(
+                f"task {name!r}: data folder {dataset_path!r} not found", file=file, fix="check the path"
+            )
         config["dataset_path"] = str(local_dir)
         if isinstance(kwargs.get("data_files"), (str, list, dict)):
             kwargs["data_files"] = _absolute_files(kwargs["data_files"], name, file)
@@ -368,7 +382,9 @@ def _try_build(task: ResolvedTask) -> None:
     except IndexError:
         raise BadInput(f"task {task.name!r}: its evaluation split is empty", file=task.file) from None
     except Exception as exc:
-        raise BadInput(f"task {task.name!r} cannot be loaded: {_first_line(exc)}", file=task.file, fix=HOW_TO_ADD) from None
+        raise BadInput(
+            f"task {task.name!r} cannot be loaded: {_first_line(exc)}", file=task.file, fix=HOW_TO_ADD
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------- built-in
@@ -389,7 +405,9 @@ def _builtin_task(name: str, local_names: list[str], where: Sequence[str | int])
         raise BadInput(
             f"unknown task {name!r}: not a task YAML file or folder, and not an lm-eval task",
             loc=where,
-            fix=f"did you mean {hint[0]!r}?" if hint else "give the path of a task YAML file (" + HOW_TO_ADD + ")",
+            fix=f"did you mean {hint[0]!r}?"
+            if hint
+            else "give the path of a task YAML file (" + HOW_TO_ADD + ")",
         )
     dataset = (entry.cfg or {}).get("dataset_path") if entry.cfg else None
     try:

@@ -72,6 +72,7 @@ class Adapter:
     modules: dict[str, LoraModule]
     full: dict[str, TensorInfo] = field(default_factory=dict)  # base tensor name -> replacement tensor
     base_layer_copies: frozenset[str] = frozenset()  # adapter tensor names of saved embedding base layers
+    virtual: bool = False  # stands for an extraction not yet run (headers only, no file)
 
     def reader(self) -> TensorReader:
         return TensorReader.open(self.file)

@@ -117,7 +117,19 @@ class ExtractSpec(Strict):
     energy: float | None = Field(None, gt=0.0, le=1.0, description="smallest rank keeping this energy share")
     include: list[str] | None = Field(None, description="regexes on module names to extract")
     exclude: list[str] = Field(default_factory=list, description="regexes on module names to skip")
-    method: Literal["randomized", "exact"] = "randomized"
+    method: Literal["randomized", "exact"] = Field(
+        "randomized", description="randomized SVD with an error check (falls back to exact), or a full SVD"
+    )
+    embeddings: Literal["lora", "full", "skip"] = Field(
+        "lora",
+        description="changed embeddings/lm_head: an embedding LoRA at `rank`, modules_to_save, or dropped",
+    )
+    vectors: Literal["full", "error", "skip"] = Field(
+        "full", description="changed 1-D tensors (norms, biases): modules_to_save, an error, or dropped"
+    )
+    tolerance: float = Field(
+        1e-6, ge=0.0, description="a tensor whose change ‖ΔW‖/‖W‖ is at most this counts as unchanged"
+    )
 
     @field_validator("include", "exclude")
     @classmethod

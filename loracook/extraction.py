@@ -1,0 +1,360 @@
+"""LoRA extraction from a full fine-tune: ΔW = W_ft − W_base per tensor, low-rank factors by (randomized) SVD.
+
+Planning reads headers only (:func:`plan_extraction`); :func:`extract` streams tensor by tensor and writes a
+PEFT adapter whose scale is 1 (lora_alpha = r per module), with √S split over both factors, so that
+B @ A reproduces the rank-k ΔW. Unchanged tensors are skipped; changed embeddings, lm_head and 1-D tensors are
+handled by the options of the source (embedding LoRA, modules_to_save, error or skip).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loracook.errors import BadInput
+from loracook.io.adapter import Adapter, LoraModule
+from loracook.io.checkpoint import Checkpoint, open_checkpoint
+from loracook.io.tensors import TensorInfo, TensorReader
+from loracook.recipe.model import ExtractSpec
+
+_EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings)\.weight$")
+_CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
+
+
+@dataclass(frozen=True)
+class ExtractItem:
+    """One base tensor to compare with its fine-tuned counterpart."""
+
+    name: str  # base tensor name
+    role: str  # linear | embedding | lm_head | vector
+    base: TensorInfo
+    tuned: TensorInfo
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    source: str
+    spec: ExtractSpec
+    tuned_path: Path
+    items: tuple[ExtractItem, ...]
+    fan_in_fan_out: bool
+    config: dict
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(i.base.nbytes + i.tuned.nbytes for i in self.items)
+
+    @property
+    def flops(self) -> float:
+        """Rough cost of the SVDs: a randomized range finder with 2 power iterations, or a full SVD."""
+        total = 0.0
+        for item in self.items:
+            if len(item.base.shape) != 2:
+                continue
+            m, n = item.base.shape
+            k = min(self.spec.rank + 8, m, n)
+            total += 2 * m * n * k * 6 if self.spec.method == "randomized" else 4 * m * n * min(m, n)
+        return total
+
+
+@dataclass(frozen=True)
+class ExtractedModule:
+    name: str
+    kind: str  # lora | embedding-lora | full | skipped | unchanged
+    rank: int
+    energy: float  # retained share of ‖ΔW‖²
+    relative_error: float  # ‖ΔW − ΔW_k‖ / ‖ΔW‖
+    change: float  # ‖ΔW‖ / ‖W‖
+    method: str = ""
+
+
+@dataclass
+class ExtractReport:
+    source: str
+    modules: list[ExtractedModule] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        loras = [m for m in self.modules if m.kind in ("lora", "embedding-lora")]
+        return {
+            "source": self.source,
+            "modules": [m.__dict__ for m in self.modules],
+            "lora_modules": len(loras),
+            "max_relative_error": max((m.relative_error for m in loras), default=0.0),
+            "mean_energy": sum(m.energy for m in loras) / len(loras) if loras else 1.0,
+            "counts": dict(Counter(m.kind for m in self.modules)),
+        }
+
+
+def plan_extraction(source: str, spec: ExtractSpec, base: Checkpoint, tuned_path: Path) -> ExtractJob:
+    """Match the fine-tune's tensors to the base's (headers only); report every mismatch at once."""
+    tuned = open_checkpoint(tuned_path)
+    arch_base = base.config.get("architectures") or [base.config.get("model_type")]
+    arch_tuned = tuned.config.get("architectures") or [tuned.config.get("model_type")]
+    if base.config and tuned.config and arch_base != arch_tuned:
+        raise BadInput(
+            f"the fine-tune is a {arch_tuned[0]} but the base is a {arch_base[0]}",
+            file=tuned.path,
+            loc=("sources", source, "extract", "model"),
+            fix="extract from a fine-tune of this base",
+        )
+    problems: list[str] = []
+    items: list[ExtractItem] = []
+    include = [re.compile(p) for p in spec.include or []]
+    exclude = [re.compile(p) for p in spec.exclude]
+    embedding = next((n for n in base.tensors if _EMBEDDING.search(n) and "wpe" not in n), None)
+    for name, info in sorted(base.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset or 0)):
+        other = tuned.tensors.get(name)
+        if other is None:
+            problems.append(f"{name} is missing")
+            continue
+        role = _role(name, info)
+        if role is None:
+            continue
+        if other.shape != info.shape and not (
+            role in ("embedding", "lm_head") and other.shape[1:] == info.shape[1:]
+        ):
+            problems.append(f"{name} has shape {list(other.shape)}, the base {list(info.shape)}")
+            continue
+        module = name.rsplit(".", 1)[0]
+        if role == "linear" and (
+            (include and not any(p.search(module) for p in include)) or any(p.search(module) for p in exclude)
+        ):
+            continue
+        items.append(ExtractItem(name, role, info, other))
+    if "lm_head.weight" in tuned.tensors and "lm_head.weight" not in base.tensors and embedding:
+        # a tied base, an untied fine-tune: the fine-tuned head is compared with the shared embedding
+        items.append(
+            ExtractItem("lm_head.weight", "lm_head", base.tensors[embedding], tuned.tensors["lm_head.weight"])
+        )
+    extra = sorted(set(tuned.tensors) - set(base.tensors) - {"lm_head.weight"})
+    problems += [f"{n} is not in the base" for n in extra[:3]]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise BadInput(
+            f"the fine-tune does not match the base ({len(problems)} problems): {shown}",
+            file=tuned.path,
+            loc=("sources", source, "extract", "model"),
+            fix="extract from a complete fine-tune of this base",
+        )
+    fifo = str(base.config.get("model_type", "")) in _CONV1D_MODELS
+    return ExtractJob(source, spec, tuned.path, tuple(items), fifo, base.config)
+
+
+def _role(name: str, info: TensorInfo) -> str | None:
+    if not info.dtype.is_floating_point:
+        return None
+    if len(info.shape) == 1:
+        return "vector"
+    if len(info.shape) != 2:
+        return None
+    if _EMBEDDING.search(name):
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    return "linear"
+
+
+def extract(
+    job: ExtractJob, out: Path, seed: int = 0, on_item: Callable[[int, int, str], None] | None = None
+) -> ExtractReport:
+    """Run the extraction and write a PEFT adapter (plus extract_report.json) into the folder ``out``."""
+    from safetensors.torch import save_file
+
+    from loracook.ops.factored import low_rank_dense
+    from loracook.ops.random import tensor_generator
+
+    spec = job.spec
+    report = ExtractReport(job.source)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    saved: set[str] = set()
+    readers: dict[str, TensorReader] = {}
+
+    def read(info: TensorInfo) -> torch.Tensor:
+        if info.file not in readers:
+            readers[info.file] = TensorReader.open(info.file)
+        return readers[info.file].read(info.name).to(torch.float32)
+
+    changed_vectors = []
+    try:
+        for step, item in enumerate(job.items):
+            if on_item:
+                on_item(step, len(job.items), item.name)
+            w, w_ft = read(item.base), read(item.tuned)
+            if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
+                _save_full(tensors, saved, item, w_ft, report, change=float("inf"))
+                continue
+            delta = w_ft - w
+            norm = float(torch.linalg.vector_norm(delta))
+            scale = float(torch.linalg.vector_norm(w)) or 1.0
+            change = norm / scale
+            if change <= spec.tolerance:
+                report.modules.append(ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
+                continue
+            if item.role == "vector":
+                changed_vectors.append(item.name)
+                if spec.vectors == "error":
+                    raise BadInput(
+                        f"{item.name} changed in the fine-tune (‖ΔW‖/‖W‖ = {change:.2e}); 1-D tensors cannot be a LoRA",
+                        file=job.tuned_path,
+                        loc=("sources", job.source, "extract"),
+                        fix="set extract.vectors: full (ship it as modules_to_save) or skip",
+                    )
+                if spec.vectors == "skip":
+                    report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
+                else:
+                    _save_full(tensors, saved, item, w_ft, report, change)
+                continue
+            embedding_like = item.role in ("embedding", "lm_head")
+            if embedding_like and spec.embeddings == "skip":
+                report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
+                continue
+            if embedding_like and spec.embeddings == "full":
+                _save_full(tensors, saved, item, w_ft, report, change)
+                continue
+            # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
+            transposed = item.role == "embedding" or job.fan_in_fan_out
+            target = delta.T if transposed else delta
+            low = low_rank_dense(
+                target.contiguous(),
+                min(spec.rank, *target.shape),
+                method=spec.method,
+                energy=spec.energy,
+                generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
+            )
+            del delta, target
+            module = "lm_head" if item.name == "lm_head.weight" else item.module
+            prefix = f"base_model.model.{module}"
+            if item.role == "embedding":
+                tensors[f"{prefix}.lora_embedding_A"] = low.A.contiguous()
+                tensors[f"{prefix}.lora_embedding_B"] = low.B.contiguous()
+            else:
+                tensors[f"{prefix}.lora_A.weight"] = low.A.contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = low.B.contiguous()
+            ranks[module] = low.B.shape[1]
+            kind = "embedding-lora" if item.role == "embedding" else "lora"
+            report.modules.append(
+                ExtractedModule(
+                    item.name,
+                    kind,
+                    low.B.shape[1],
+                    float(low.energy),
+                    float(low.rel_err),
+                    change,
+                    low.method_used,
+                )
+            )
+    finally:
+        for reader in readers.values():
+            reader.close()
+    clash = sorted(m for m in saved if m in ranks)
+    if clash:
+        raise BadInput(
+            f"{clash[0]} changed both its weight and its 1-D parameters; it cannot be a LoRA and saved in full",
+            file=job.tuned_path,
+            loc=("sources", job.source, "extract"),
+            fix=f"exclude it (extract.exclude: ['{re.escape(clash[0])}$']) or set extract.vectors: skip",
+        )
+    if not tensors:
+        raise BadInput(
+            "the fine-tune does not differ from the base (nothing to extract)",
+            file=job.tuned_path,
+            loc=("sources", job.source, "extract", "model"),
+            fix="check extract.model, or lower extract.tolerance",
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(_config(job, ranks, saved), indent=2) + "\n")
+    (out / "extract_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+def _save_full(
+    tensors, saved: set[str], item: ExtractItem, value: torch.Tensor, report: ExtractReport, change: float
+):
+    module = "lm_head" if item.name == "lm_head.weight" else item.module
+    tensors[f"base_model.model.{item.name}"] = value.contiguous()
+    saved.add(module)
+    report.modules.append(ExtractedModule(item.name, "full", 0, 1.0, 0.0, change))
+
+
+def _config(job: ExtractJob, ranks: dict[str, int], saved: set[str]) -> dict:
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k)) if counts else job.spec.rank
+    pattern = {m.replace(".", r"\."): k for m, k in ranks.items() if k != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": job.config.get("_name_or_path") or None,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": job.fan_in_fan_out,
+        "target_modules": sorted(ranks) or None,
+        "modules_to_save": sorted(saved) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "loracook_extracted_from": str(job.tuned_path),
+    }
+
+
+def estimate_seconds(job: ExtractJob) -> float:
+    """A rough wall-time estimate on 2 CPU cores (≈ 20 GFLOP/s sustained in fp32 matmuls, plus I/O)."""
+    return job.flops / 20e9 + job.bytes_read / 1e9
+
+
+def describe(job: ExtractJob) -> str:
+    linear = sum(1 for i in job.items if i.role == "linear")
+    return (
+        f"extract {job.source}: {linear} linear tensors + {len(job.items) - linear} others at rank ≤ {job.spec.rank}"
+        f"{f', energy {job.spec.energy}' if job.spec.energy else ''} ({job.spec.method}); "
+        f"≈ {job.flops / 1e9:.0f} GFLOP, ≈ {estimate_seconds(job):.1f} s"
+    )
+
+
+def virtual_adapter(job: ExtractJob) -> Adapter:
+    """What the extraction will produce at most (every candidate module at the maximum rank), for planning."""
+    modules: dict[str, LoraModule] = {}
+    for item in job.items:
+        if item.role == "vector" or (item.role in ("embedding", "lm_head") and job.spec.embeddings != "lora"):
+            continue
+        if item.base.shape != item.tuned.shape:
+            continue
+        transposed = item.role == "embedding" or job.fan_in_fan_out
+        rows, cols = item.base.shape
+        out_f, in_f = (cols, rows) if transposed else (rows, cols)
+        k = min(job.spec.rank, out_f, in_f)
+        module = "lm_head" if item.name == "lm_head.weight" else item.module
+        embedding = item.role == "embedding"
+        a_name = f"base_model.model.{module}." + ("lora_embedding_A" if embedding else "lora_A.weight")
+        b_name = f"base_model.model.{module}." + ("lora_embedding_B" if embedding else "lora_B.weight")
+        where = f"<extract {job.source}>"
+        modules[module] = LoraModule(
+            module=module,
+            kind="embedding" if embedding else "linear",
+            a=TensorInfo(where, a_name, torch.float32, (k, in_f), None),
+            b=TensorInfo(where, b_name, torch.float32, (out_f, k), None),
+            rank=k,
+            alpha=float(k),
+            scale=1.0,
+            fan_in_fan_out=job.fan_in_fan_out and not embedding,
+        )
+    return Adapter(
+        job.tuned_path, job.tuned_path, {"fan_in_fan_out": job.fan_in_fan_out}, modules, virtual=True
+    )
