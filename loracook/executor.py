@@ -228,7 +228,6 @@ def _block(
 def _whole(task: TensorTask, readers: Readers, report: Report) -> torch.Tensor:
     """The whole tensor W + combine(ΔW_1..n) in fp32, for methods that need each delta whole."""
     from loracook.ops.combine import combine_dense
-    from loracook.ops.factored import low_rank_dense
 
     base = readers.read(task.base).to(torch.float32)
     if not task.terms:
@@ -247,6 +246,8 @@ def _whole(task: TensorTask, readers: Readers, report: Report) -> torch.Tensor:
     )
     del deltas
     if combine.method == "svd" and merged.dim() == 2:
+        from loracook.ops.factored import low_rank_dense
+
         low = low_rank_dense(merged, min(combine.rank or min(merged.shape), min(merged.shape)))
         report.modules.append(
             ModuleReport(task.name, low.B.shape[1], float(low.err), float(low.rel_err), low.method_used)
@@ -283,7 +284,7 @@ def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) ->
 def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, torch.Tensor]:
     """Merged LoRA factors of one module, padded to ``task.rank``."""
     from loracook.ops.combine import combine_dense
-    from loracook.ops.factored import frobenius_norm, low_rank_dense, stack_factors, truncate_factors
+    from loracook.ops.factored import frobenius_norm, stack_factors, truncate_factors
     from loracook.ops.random import tensor_generator
     from loracook.ops.sparsify import dare
 
@@ -301,6 +302,8 @@ def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, tor
                 )
             )
     else:
+        from loracook.ops.factored import low_rank_dense
+
         deltas = []
         for term in task.terms:
             w, b, a = _scaled_factors(term, readers)

@@ -168,8 +168,9 @@ def _on_device(model: Any, device: str) -> Iterator[None]:
 
 @contextmanager
 def _keep_ties(model: Any) -> Iterator[None]:
-    """HFLM calls ``model.tie_weights()``; our models are tied at load, and re-tying a model wrapped by PEFT
-    could point the output head at a LoRA-wrapped embedding, so it is a no-op while lm-eval holds it."""
+    """HFLM calls ``model.tie_weights()``. Our models are tied when loaded, and on a tied model whose lm_head
+    carries a LoRA, re-tying raises (transformers assigns ``weight`` on the LoRA wrapper), so it is a no-op
+    while lm-eval holds the model."""
     model.tie_weights = lambda *args, **kwargs: None
     try:
         yield

@@ -1,0 +1,243 @@
+"""Element-wise merge methods on dense deltas of one module: TIES, DARE, magnitude pruning, task arithmetic.
+
+Every function takes the deltas ΔW_i of one module (same shape, fp32, per-adapter scale already applied)
+and plain numbers, and returns a new tensor; inputs are never modified. The semantic choices (sign
+election on weighted deltas, disjoint mean over the agreeing sources, zero where no sign wins, rescaling)
+are explained in docs/merge-methods.md.
+
+References: TIES-Merging, Yadav et al. 2023 (arXiv:2306.01708); DARE, Yu et al. 2023 (arXiv:2311.03099);
+task arithmetic, Ilharco et al. 2023 (arXiv:2212.04089).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SignMethod",
+    "keep_count",
+    "magnitude_prune",
+    "dare",
+    "elect_sign",
+    "disjoint_merge",
+    "task_arithmetic",
+    "magnitude_prune_merge",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+]
+
+SignMethod = Literal["total", "frequency"]
+
+
+def _check_density(density: float) -> float:
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density is the fraction of entries kept and must be in (0, 1], got {density}")
+    return density
+
+
+def keep_count(density: float, numel: int) -> int:
+    """Number of entries magnitude pruning keeps: round(density * numel), halves rounded up.
+
+    >>> keep_count(0.5, 5), keep_count(0.2, 10), keep_count(1.0, 7)
+    (3, 2, 7)
+    """
+    return min(numel, math.floor(_check_density(density) * numel + 0.5))
+
+
+def magnitude_prune(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """Keep the ``keep_count(density, n)`` entries of largest |value|, zero the rest.
+
+    Ties at the threshold are broken by position: the entry with the lower flat (row-major) index is kept,
+    so the result does not depend on the sorting algorithm. With ``rescale`` the kept entries are divided
+    by ``density`` (off by default: the kept entries are the largest ones, so this does not preserve the
+    expected value the way DARE's rescale does).
+
+    >>> magnitude_prune(torch.tensor([[0.1, -3.0], [2.0, -0.5]]), 0.5)
+    tensor([[ 0., -3.],
+            [ 2.,  0.]])
+    """
+    density = _check_density(density)
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    keep = keep_count(density, n)
+    if keep == n:
+        out = delta.clone()
+    elif keep == 0:
+        out = torch.zeros_like(delta)
+    else:
+        magnitude = flat.abs()
+        threshold = torch.kthvalue(magnitude, n - keep + 1).values  # the keep-th largest |value|
+        mask = magnitude > threshold
+        missing = keep - int(mask.sum())
+        if missing > 0:  # fill up with the first entries equal to the threshold, by index
+            mask[torch.nonzero(magnitude == threshold).squeeze(1)[:missing]] = True
+        out = torch.where(mask, flat, 0.0).reshape(delta.shape)
+    return out / density if rescale else out
+
+
+def dare(delta: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
+    """DARE: keep each entry independently with probability ``density``, zero the others.
+
+    The mask is ``torch.rand(delta.shape, generator=generator) < density`` (one uniform draw per entry, in
+    row-major order), so a generator from :func:`loracook.ops.random.tensor_generator` makes it reproducible.
+    With ``rescale`` (the default, as in the paper) kept entries are divided by ``density``, which keeps the
+    expected value: E[dare(x)] = x. ``density == 1`` returns a copy and draws nothing.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> out = dare(torch.ones(1000), 0.25, g)
+    >>> sorted(set(out.tolist())), 200 < int((out != 0).sum()) < 300  # about 250 kept, each 1 / 0.25
+    ([0.0, 4.0], True)
+    """
+    density = _check_density(density)
+    if density == 1.0:
+        return delta.clone()
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) < density
+    out = torch.where(keep, delta, 0.0)
+    return out / density if rescale else out
+
+
+def elect_sign(deltas: Tensor, method: SignMethod = "total") -> Tensor:
+    """The elected sign (-1, 0 or +1) of each entry of ``deltas`` stacked on dim 0.
+
+    ``"total"`` (TIES): sign of the sum over sources, so larger entries weigh more. ``"frequency"``: sign of
+    (number of positive entries - number of negative entries). A tie or an all-zero entry gives 0.
+
+    >>> d = torch.tensor([[3.0, 1.0, 0.0], [-1.0, -2.0, 0.0], [-1.0, 2.0, 0.0]])
+    >>> elect_sign(d, "total"), elect_sign(d, "frequency")
+    (tensor([1., 1., 0.]), tensor([-1.,  1.,  0.]))
+    """
+    if method == "total":
+        return torch.sign(deltas.sum(dim=0))
+    if method == "frequency":
+        return torch.sign(torch.sign(deltas).sum(dim=0))
+    raise ValueError(f"majority sign method must be 'total' or 'frequency', got {method!r}")
+
+
+def _weighted(deltas: Tensor, weights: Sequence[float]) -> Tensor:
+    w = torch.tensor([float(x) for x in weights], dtype=deltas.dtype, device=deltas.device)
+    return deltas * w.reshape((-1,) + (1,) * (deltas.dim() - 1))
+
+
+def disjoint_merge(deltas: Tensor, signs: Tensor, weights: Sequence[float]) -> Tensor:
+    """TIES disjoint mean: average of the weighted deltas w_i·δ_i whose sign equals the elected sign.
+
+    ``deltas`` are the (trimmed, unweighted) deltas stacked on dim 0, ``signs`` the elected signs (from
+    :func:`elect_sign` on the *weighted* deltas). Entry p of the result is
+    Σ_{i∈A_p} w_i δ_i[p] / |A_p| with A_p = {i : sign(w_i δ_i[p]) = signs[p] ≠ 0}; it is 0 where A_p is
+    empty, in particular where the elected sign is 0.
+
+    >>> d = torch.tensor([[2.0, 1.0], [4.0, -1.0]])
+    >>> disjoint_merge(d, torch.tensor([1.0, 0.0]), [1.0, 0.5])
+    tensor([2., 0.])
+    """
+    weighted = _weighted(deltas, weights)
+    agree = (torch.sign(weighted) == signs) & (signs != 0)
+    total = torch.where(agree, weighted, 0.0).sum(dim=0)
+    count = agree.sum(dim=0).clamp_min(1).to(total.dtype)
+    return total / count
+
+
+def _check(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> None:
+    if len(deltas) == 0:
+        raise ValueError("at least one delta is needed")
+    for values in per_source:
+        if len(values) != len(deltas):
+            raise ValueError(f"got {len(deltas)} deltas but {len(values)} per-source values")
+    shape = deltas[0].shape
+    for d in deltas:
+        if d.shape != shape:
+            raise ValueError(f"deltas of one module must have one shape, got {tuple(shape)} and {tuple(d.shape)}")
+
+
+def _stack(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> Tensor:
+    _check(deltas, *per_source)
+    return torch.stack(list(deltas), dim=0)
+
+
+def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σ w_i ΔW_i (Ilharco et al. 2023); with dense deltas this is also loracook's ``linear``.
+
+    >>> task_arithmetic([torch.ones(2), torch.full((2,), 2.0)], [1.0, -0.5])
+    tensor([0., 0.])
+    """
+    return _weighted(_stack(deltas, weights), weights).sum(dim=0)
+
+
+def magnitude_prune_merge(
+    deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], rescale: bool = False
+) -> Tensor:
+    """Σ w_i magnitude_prune(ΔW_i, density_i): task arithmetic on magnitude-pruned deltas, no sign election.
+
+    >>> magnitude_prune_merge([torch.tensor([1.0, -4.0]), torch.tensor([3.0, 0.5])], [1.0, 1.0], [0.5, 0.5])
+    tensor([ 3., -4.])
+    """
+    _check(deltas, weights, densities)
+    pruned = [magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities)]
+    return task_arithmetic(pruned, weights)
+
+
+def ties(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    majority_sign: SignMethod = "total",
+    rescale: bool = False,
+) -> Tensor:
+    """TIES-Merging: trim (magnitude prune), elect sign on the weighted deltas, disjoint mean.
+
+    With one source and density 1 the result is ``w * delta``; with equal weights w it is w times the
+    paper's merged task vector (the paper's λ plays the role of w).
+
+    >>> a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-4.0, -2.0, 1.0])
+    >>> ties([a, b], [1.0, 1.0], [1.0, 1.0])
+    tensor([-4., -2.,  2.])
+    """
+    _check(deltas, weights, densities)
+    trimmed = torch.stack([magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities)])
+    signs = elect_sign(_weighted(trimmed, weights), majority_sign)
+    return disjoint_merge(trimmed, signs, weights)
+
+
+def dare_linear(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generators: Sequence[torch.Generator],
+    rescale: bool = True,
+) -> Tensor:
+    """Σ w_i dare(ΔW_i, density_i, generator_i): DARE on each delta, then task arithmetic.
+
+    >>> g = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    >>> dare_linear([torch.ones(4), torch.ones(4)], [0.5, 0.5], [1.0, 1.0], g)
+    tensor([1., 1., 1., 1.])
+    """
+    _check(deltas, weights, densities, generators)
+    dropped = [dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators)]
+    return task_arithmetic(dropped, weights)
+
+
+def dare_ties(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    generators: Sequence[torch.Generator],
+    majority_sign: SignMethod = "total",
+    rescale: bool = True,
+) -> Tensor:
+    """DARE on each delta (instead of TIES' magnitude trim), then TIES sign election and disjoint mean.
+
+    >>> g = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    >>> dare_ties([torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])], [1.0, 1.0], [1.0, 1.0], g)
+    tensor([ 2., -2.])
+    """
+    _check(deltas, weights, densities, generators)
+    dropped = torch.stack([dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators)])
+    signs = elect_sign(_weighted(dropped, weights), majority_sign)
+    return disjoint_merge(dropped, signs, weights)
