@@ -232,9 +232,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             raise BadInput("no such file or folder", file=path, fix="give adapter or model folders")
     adapters = [p for p in args.paths if inspection.is_adapter(p)]
     models = [p for p in args.paths if not inspection.is_adapter(p)]
-    summaries = [inspection.summarize_adapter(p) for p in adapters]
+    summaries, similarity = inspection.inspect_adapters(adapters) if adapters else ([], None)
     model_summaries = [inspection.summarize_model(p) for p in models]
-    similarity = inspection.compare_adapters(adapters) if len(adapters) > 1 else None
     if args.plot:
         if not summaries:
             raise BadInput("--plot needs at least one adapter", file=args.plot)

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from loracook.errors import BadInput
-from loracook.io.adapter import Adapter, LoraModule, open_adapter
+from loracook.io.adapter import Adapter, open_adapter
 from loracook.io.checkpoint import open_checkpoint
-from loracook.io.tensors import TensorReader
 
 
 @dataclass(frozen=True)
@@ -87,45 +86,64 @@ class Similarity:
         }
 
 
-def _factors(adapter: Adapter, reader: TensorReader, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    a = reader.read(module.a.name).to(torch.float32)
-    b = reader.read(module.b.name).to(torch.float32) * module.scale
-    return b, a
+Decomposition = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # module -> U, S, Vh of ΔW
 
 
-def summarize_adapter(path: str | Path) -> AdapterSummary:
+def _decompose(adapter: Adapter) -> Decomposition:
+    """Thin SVD of every module's s·B@A from its factors (QR of B and Aᵀ, SVD of the r×r core)."""
+    from loracook.ops.factored import factored_svd
+
+    reader = adapter.reader()
+    out: Decomposition = {}
+    try:
+        for module in adapter.modules.values():
+            a = reader.read(module.a.name).to(torch.float32)
+            b = reader.read(module.b.name).to(torch.float32) * module.scale
+            out[module.module] = factored_svd(b, a)
+    finally:
+        reader.close()
+    return out
+
+
+def summarize_adapter(path: str | Path, decomposition: Decomposition | None = None) -> AdapterSummary:
     """Per-module rank, scale, norm, effective ranks and spectrum of a PEFT adapter.
 
     >>> summarize_adapter("recipes/adapters/vellmark-facts").modules[0].rank  # doctest: +SKIP
     8
     """
-    from loracook.ops.factored import effective_rank, factored_svd
+    from loracook.ops.factored import effective_rank
 
     adapter = open_adapter(path)
-    reader = adapter.reader()
+    decomposition = decomposition or _decompose(adapter)
     modules = []
-    try:
-        for module in adapter.modules.values():
-            b, a = _factors(adapter, reader, module)
-            _, s, _ = factored_svd(b, a)
-            norm = float(torch.linalg.vector_norm(s))
-            modules.append(
-                ModuleSummary(
-                    module=module.module,
-                    kind=module.kind,
-                    shape=(b.shape[0], a.shape[1]),
-                    rank=module.rank,
-                    alpha=module.alpha,
-                    scale=module.scale,
-                    norm=norm,
-                    rank90=effective_rank(s, 0.90),
-                    rank99=effective_rank(s, 0.99),
-                    spectrum=tuple(float(x) for x in s[: module.rank]),
-                )
+    for module in adapter.modules.values():
+        u, s, vh = decomposition[module.module]
+        modules.append(
+            ModuleSummary(
+                module=module.module,
+                kind=module.kind,
+                shape=(u.shape[0], vh.shape[1]),
+                rank=module.rank,
+                alpha=module.alpha,
+                scale=module.scale,
+                norm=float(torch.linalg.vector_norm(s)),
+                rank90=effective_rank(s, 0.90),
+                rank99=effective_rank(s, 0.99),
+                spectrum=tuple(float(x) for x in s[: module.rank]),
             )
-    finally:
-        reader.close()
+        )
     return AdapterSummary(str(path), adapter.config, tuple(modules))
+
+
+def inspect_adapters(paths: list[str | Path]) -> tuple[list[AdapterSummary], Similarity | None]:
+    """Summaries of every adapter and, for two or more, their similarity; each SVD is computed once."""
+    adapters = [open_adapter(p) for p in paths]
+    decompositions = [_decompose(a) for a in adapters]
+    summaries = [summarize_adapter(p, d) for p, d in zip(paths, decompositions, strict=True)]
+    similarity = None
+    if len(adapters) > 1:
+        similarity = compare_adapters(paths, adapters=adapters, decompositions=decompositions)
+    return summaries, similarity
 
 
 def summarize_model(path: str | Path) -> ModelSummary:
@@ -148,59 +166,71 @@ def summarize_model(path: str | Path) -> ModelSummary:
     )
 
 
-def compare_adapters(paths: list[str | Path], names: list[str] | None = None) -> Similarity:
-    """Pairwise cosine and subspace similarity of adapters made for the same base, from their factors."""
-    from loracook.ops.factored import cosine_similarity, factored_svd, frobenius_inner, subspace_similarity
+def compare_adapters(
+    paths: list[str | Path],
+    names: list[str] | None = None,
+    *,
+    adapters: list[Adapter] | None = None,
+    decompositions: list[Decomposition] | None = None,
+) -> Similarity:
+    """Pairwise cosine and subspace similarity of adapters made for the same base, from their factors.
+
+    With ΔW = U S Vh, ⟨ΔW_i, ΔW_j⟩_F = tr((U_iS_i)ᵀ(U_jS_j) (Vh_j Vh_iᵀ)), an r_i × r_j computation.
+    """
+    from loracook.ops.factored import frobenius_inner, subspace_similarity
 
     names = names or [Path(p).name for p in paths]
-    adapters = [open_adapter(p) for p in paths]
-    readers = [a.reader() for a in adapters]
-    try:
-        shared = sorted(set.intersection(*(set(a.modules) for a in adapters)))
-        for module in shared:
-            shapes = {(a.modules[module].b.shape[0], a.modules[module].a.shape[1]) for a in adapters}
-            if len(shapes) > 1:
-                raise BadInput(
-                    f"module {module} has different shapes in the adapters ({sorted(shapes)}): "
-                    "they were made for different bases",
-                    file=adapters[0].path,
-                )
-        if not shared:
-            raise BadInput("the adapters share no module: nothing to compare", file=adapters[0].path)
-        n = len(adapters)
-        inner = [[0.0] * n for _ in range(n)]
-        phi_sum = [[0.0] * n for _ in range(n)]
-        per_module: dict[str, dict[str, float]] = {}
-        for module in shared:
-            factors = [_factors(a, r, a.modules[module]) for a, r in zip(adapters, readers, strict=True)]
-            bases = [factored_svd(b, a)[0] for b, a in factors]
-            ranks = [a.modules[module].rank for a in adapters]
-            for i in range(n):
-                for j in range(i, n):
-                    value = float(frobenius_inner(factors[i][0], factors[i][1], factors[j][0], factors[j][1]))
-                    inner[i][j] += value
-                    if i != j:
-                        inner[j][i] += value
-                        cos = float(
-                            cosine_similarity(factors[i][0], factors[i][1], factors[j][0], factors[j][1])
-                        )
-                        per_module.setdefault(f"{names[i]}|{names[j]}", {})[module] = cos
-                        phi = subspace_similarity(bases[i], bases[j], ranks[i], ranks[j])
-                        phi_sum[i][j] += phi
-                        phi_sum[j][i] += phi
-        cosine = tuple(
-            tuple(
-                inner[i][j] / math.sqrt(inner[i][i] * inner[j][j]) if inner[i][i] and inner[j][j] else 0.0
-                for j in range(n)
+    adapters = adapters or [open_adapter(p) for p in paths]
+    shared = sorted(set.intersection(*(set(a.modules) for a in adapters)))
+    for module in shared:
+        shapes = {a.modules[module].delta_shape for a in adapters}
+        if len(shapes) > 1:
+            raise BadInput(
+                f"module {module} has different shapes in the adapters ({sorted(shapes)}): "
+                "they were made for different bases",
+                file=adapters[-1].path,
             )
-            for i in range(n)
+    if not shared:
+        raise BadInput("the adapters share no module: nothing to compare", file=adapters[0].path)
+    decompositions = decompositions or [_decompose(a) for a in adapters]
+    n = len(adapters)
+    inner = [[0.0] * n for _ in range(n)]
+    phi_sum = [[0.0] * n for _ in range(n)]
+    per_module: dict[str, dict[str, float]] = {}
+    for module in shared:
+        parts = [d[module] for d in decompositions]
+        ranks = [a.modules[module].rank for a in adapters]
+        scaled = [(u * s, vh) for u, s, vh in parts]
+        norms = [float(torch.linalg.vector_norm(s)) for _, s, _ in parts]
+        for i in range(n):
+            inner[i][i] += norms[i] ** 2
+            for j in range(i + 1, n):
+                value = float(frobenius_inner(scaled[i][0], scaled[i][1], scaled[j][0], scaled[j][1]))
+                inner[i][j] += value
+                inner[j][i] += value
+                denominator = norms[i] * norms[j]
+                cos = max(-1.0, min(1.0, value / denominator)) if denominator else 0.0
+                per_module.setdefault(f"{names[i]}|{names[j]}", {})[module] = cos
+                phi = subspace_similarity(
+                    parts[i][0],
+                    parts[j][0],
+                    min(ranks[i], parts[i][0].shape[1]),
+                    min(ranks[j], parts[j][0].shape[1]),
+                )
+                phi_sum[i][j] += phi
+                phi_sum[j][i] += phi
+    cosine = tuple(
+        tuple(
+            1.0
+            if i == j
+            else (inner[i][j] / math.sqrt(inner[i][i] * inner[j][j]) if inner[i][i] and inner[j][j] else 0.0)
+            for j in range(n)
         )
-        subspace = tuple(
-            tuple(1.0 if i == j else phi_sum[i][j] / len(shared) for j in range(n)) for i in range(n)
-        )
-    finally:
-        for reader in readers:
-            reader.close()
+        for i in range(n)
+    )
+    subspace = tuple(
+        tuple(1.0 if i == j else phi_sum[i][j] / len(shared) for j in range(n)) for i in range(n)
+    )
     return Similarity(tuple(names), cosine, subspace, per_module, len(shared))
 
 
