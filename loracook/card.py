@@ -6,7 +6,7 @@ from loracook import __version__
 from loracook.plan import ModuleTask, Plan, TensorTask
 
 
-def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, report) -> str:
+def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, report, evaluation=None) -> str:
     base_name = plan.base.config.get("_name_or_path") or plan.base.path.name
     title = recipe_name or plan.output.name
     sources = ", ".join(f"`{n}`" for n in plan.sources)
@@ -44,6 +44,7 @@ def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, report) ->
         f"- sources: {sources}",
         *facts,
         "",
+        *(_evaluation_section(evaluation) if evaluation is not None else []),
         "## Recipe",
         "",
         "Relative paths in the recipe are relative to the folder the recipe was in, not to this folder.",
@@ -54,3 +55,14 @@ def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, report) ->
         "",
     ]
     return "\n".join(lines)
+
+
+def _evaluation_section(evaluation) -> list[str]:
+    return [
+        "## Evaluation",
+        "",
+        "lm-eval-harness scores (± stderr); full results in eval_results.json, chart in eval_results.png.",
+        "",
+        evaluation.markdown().rstrip(),
+        "",
+    ]

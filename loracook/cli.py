@@ -61,9 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", type=Path, metavar="FILE.png", help="similarity heatmaps and spectra")
     inspect.add_argument("--modules", action="store_true", help="list every module of each adapter")
 
-    evaluate = sub.add_parser("eval", help="run lm-eval on an existing output")
-    evaluate.add_argument("model", type=Path)
-    evaluate.add_argument("--tasks", nargs="+", required=True)
+    evaluate = sub.add_parser(
+        "eval", help="run lm-eval on an existing output (a model folder, or an adapter)"
+    )
+    evaluate.add_argument("model", type=Path, help="a model folder or a PEFT adapter folder")
+    evaluate.add_argument("--tasks", nargs="+", required=True, help="task names, task YAML files or folders")
+    evaluate.add_argument(
+        "--base", type=Path, help="base model folder for an adapter (default: its config's)"
+    )
+    evaluate.add_argument("--limit", type=float, help="examples per task (a number, or a share below 1)")
+    evaluate.add_argument("--num-fewshot", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--apply-chat-template", action="store_true")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--report-dir", type=Path, help="where eval_results.json/.png go (default: MODEL)")
     return parser
 
 
@@ -75,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": _cmd_plan,
         "schema": _cmd_schema,
         "inspect": _cmd_inspect,
-        "eval": _cmd_not_yet,
+        "eval": _cmd_eval,
     }[args.command]
     try:
         return handler(args)
@@ -134,6 +146,10 @@ def _check_files(loaded) -> None:
 
     try:
         make_plan(loaded.recipe, Path(loaded.recipe.output.path or "unused-output"))
+        if loaded.recipe.evaluate is not None:
+            from loracook.evaluation import resolve_tasks
+
+            resolve_tasks(loaded.recipe.evaluate.tasks, loaded.file.parent.resolve(), load=False)
     except BadInput as error:
         raise loaded.locate(error) from None
 
@@ -156,10 +172,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args.recipe, args.seed)
     console = _console()
     quiet = args.quiet or (not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1")
+    if loaded.recipe.evaluate is not None and not args.no_eval:
+        _quiet_lm_eval()
     try:
         with _progress(console, quiet) as on_task:
             result = engine.run(
-                loaded.recipe, recipe_text=loaded.text, output=args.output, force=args.force, on_task=on_task
+                loaded.recipe,
+                recipe_text=loaded.text,
+                output=args.output,
+                force=args.force,
+                on_task=on_task,
+                recipe_root=loaded.file.parent.resolve(),
+                evaluate=not args.no_eval,
+                device=args.device,
+                on_eval=_eval_printer(console),
             )
     except BadInput as error:
         raise loaded.locate(error) from None
@@ -175,6 +201,74 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"recompression: {len(result.report.modules)} modules, relative Frobenius error "
             f"max {summary['max_relative_error']:.2e}, mean {summary['mean_relative_error']:.2e} (merge_report.json)"
         )
+    if result.evaluation is not None:
+        _print_eval(result.evaluation, result.output)
+    return EXIT_OK
+
+
+def _quiet_lm_eval() -> None:
+    """lm-eval and datasets print progress bars and info logs of their own; the CLI shows its own progress."""
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "evaluate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _eval_printer(console):
+    def on_event(event) -> None:
+        if event.kind == "start":
+            console.print(f"evaluating {event.candidate} ({event.index + 1}/{event.total})…")
+        elif event.seconds is not None:
+            console.print(f"  {event.candidate} done in {event.seconds:.1f} s")
+
+    return on_event
+
+
+def _print_eval(report, folder: Path | None) -> None:
+    from rich.table import Table
+
+    console = _console()
+    header, rows = report.table()
+    table = Table(title="evaluation (lm-eval, ± stderr)")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if folder is not None:
+        png = folder / "eval_results.png"
+        console.print(
+            f"results: {folder / 'eval_results.json'}" + (f", chart: {png}" if png.is_file() else "")
+        )
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from loracook.evaluation import EvalOptions, evaluate_candidates, path_candidate, resolve_tasks
+
+    _quiet_lm_eval()
+    if not args.model.exists():
+        raise BadInput("no such model or adapter folder", file=args.model)
+    tasks = resolve_tasks(args.tasks, Path.cwd(), loc=("tasks",))
+    candidate = path_candidate(args.model, base=args.base)
+    options = EvalOptions(
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        apply_chat_template=args.apply_chat_template,
+        seed=args.seed,
+    )
+    console = _console()
+    report = evaluate_candidates([candidate], tasks, options, on_event=_eval_printer(console))
+    folder = args.report_dir or (args.model if args.model.is_dir() else Path.cwd())
+    folder.mkdir(parents=True, exist_ok=True)
+    report.save(folder / "eval_results.json")
+    try:
+        report.plot(folder / "eval_results.png")
+    except BadInput as error:
+        console.print(f"no chart: {error.one_line()}")
+    _print_eval(report, folder)
     return EXIT_OK
 
 
@@ -252,10 +346,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         _console().print(f"[green]wrote[/green] {args.plot}")
     return EXIT_OK
-
-
-def _cmd_not_yet(args: argparse.Namespace) -> int:
-    raise BadInput(f"`loracook {args.command}` is not supported yet")
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class RunResult:
     plan: Plan
     report: Report
     extractions: dict[str, ExtractReport] = field(default_factory=dict)
+    evaluation: object | None = None  # an EvalReport when the recipe has an evaluate section
 
 
 def run(
@@ -34,6 +36,10 @@ def run(
     force: bool = False,
     on_task: OnTask | None = None,
     on_tensor: OnTensor | None = None,
+    recipe_root: Path | None = None,
+    evaluate: bool = True,
+    device: str | None = None,
+    on_eval: Callable | None = None,
 ) -> RunResult:
     """Extract, plan and execute a recipe, writing into a temporary folder renamed into place at the end.
 
@@ -56,12 +62,23 @@ def run(
         raise BadInput(
             f"cannot create the output's parent folder: {exc.strerror}", file=target.parent
         ) from None
+    section = recipe.evaluate if evaluate else None
+    tasks = check_evaluation(recipe, recipe_root or Path.cwd()) if section else None
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.extract-", dir=target.parent) as work:
         extracted, reports = _extract_sources(recipe, Path(work), on_task)
         plan = make_plan(recipe, target, extracted)
         _check_not_overwriting_inputs(plan, recipe)
+        merged: dict = {}
+        keep = section is not None and plan.kind == "model" and plan.bytes_written <= IN_MEMORY_EVAL_BYTES
+
+        def collect(name, tensor):
+            if keep:
+                merged[name] = tensor
+            if on_tensor:
+                on_tensor(name, tensor)
+
         with OutputFolder(plan.output, force=force) as out:
-            report = execute(plan, out, on_task, on_tensor)
+            report = execute(plan, out, on_task, collect)
             if plan.kind == "model":
                 for path in plan.copy_files:
                     if path.name == "config.json":
@@ -75,10 +92,81 @@ def run(
             if reports:
                 payload = {name: r.to_json() for name, r in reports.items()}
                 out.write_text("extract_report.json", json.dumps(payload, indent=2) + "\n")
-            out.write_text("README.md", model_card(plan, recipe.name, recipe_text, report))
+            evaluation = None
+            if section is not None:
+                evaluation = _evaluate(
+                    recipe, plan, tasks, out.tmp, merged or None, extracted, device, on_eval
+                )
+                evaluation.save(out.tmp / "eval_results.json")
+                try:
+                    evaluation.plot(out.tmp / "eval_results.png")
+                except BadInput:
+                    pass  # matplotlib is optional: the JSON and the table still carry the numbers
+                merged.clear()
+            out.write_text("README.md", model_card(plan, recipe.name, recipe_text, report, evaluation))
             out.write_text("loracook_recipe.yaml", recipe_text)
             out.commit()
-    return RunResult(output=plan.output, plan=plan, report=report, extractions=reports)
+    return RunResult(output=plan.output, plan=plan, report=report, extractions=reports, evaluation=evaluation)
+
+
+IN_MEMORY_EVAL_BYTES = 4 * 10**9  # a merged model this small is evaluated from memory, not reloaded from disk
+
+
+def check_evaluation(recipe: Recipe, root: Path):
+    """Resolve and check the evaluate section's tasks (cheap, no model) before any merge work."""
+    from loracook.evaluation import check_chat_template, resolve_tasks
+
+    assert recipe.evaluate is not None
+    tasks = resolve_tasks(recipe.evaluate.tasks, root)
+    if recipe.evaluate.apply_chat_template:
+        check_chat_template(load_base(recipe).path)
+    return tasks
+
+
+def merge_name(recipe: Recipe) -> str:
+    taken = {"base", *recipe.sources}
+    name = recipe.name or "merge"
+    while name in taken:
+        name += "-merged"
+    return name
+
+
+def _evaluate(recipe, plan, tasks, folder: Path, merged: dict | None, extracted, device, on_eval):
+    """Score the requested baselines and the merge with lm-eval, sharing one in-memory base model."""
+    from loracook.evaluation import (
+        EvalOptions,
+        adapter_candidates,
+        base_candidate,
+        evaluate_candidates,
+        folder_candidate,
+        load_model,
+        model_candidate,
+    )
+
+    assert recipe.evaluate is not None
+    base = load_model(plan.base.path, device="cpu")
+    candidates = []
+    for name in recipe.evaluate.baselines:
+        if name == "base":
+            candidates.append(base_candidate(base))
+        else:
+            source = recipe.sources[name]
+            if isinstance(source, ExtractSource):
+                path = extracted[name]
+            else:
+                path = Path(
+                    resolve_path(source if isinstance(source, str) else source.adapter, kind="adapter")
+                )
+            candidates += adapter_candidates(base, {name: path})
+    name = merge_name(recipe)
+    if plan.kind == "adapter":
+        candidates += adapter_candidates(base, {name: folder})
+    elif merged is not None:
+        candidates.append(model_candidate(name, merged, base=base))
+    else:
+        candidates.append(folder_candidate(folder, name=name))
+    options = EvalOptions.from_section(recipe.evaluate, device=device, seed=recipe.merge.seed)
+    return evaluate_candidates(candidates, tasks, options, on_event=on_eval)
 
 
 def _extract_sources(recipe: Recipe, work: Path, on_task: OnTask | None):

@@ -180,6 +180,26 @@ def path_candidate(
     )
 
 
+def check_chat_template(
+    model_dir: str | Path, *, loc: tuple[str, ...] = ("evaluate", "apply_chat_template")
+) -> None:
+    """Refuse ``apply_chat_template`` early (before any merge work) when the base's tokenizer has no chat
+    template; reads two small files, loads nothing."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if not config.get("chat_template"):
+        raise BadInput(
+            f"apply_chat_template is set, but the tokenizer in {folder} has no chat template",
+            loc=loc,
+            fix="set apply_chat_template: false",
+        )
+
+
 # ---------------------------------------------------------------------------------------------- openers
 
 

@@ -254,21 +254,19 @@ class EvalReport:
             scores = [row.scores.get(n, Score(None)) for n in names]
             values = [s.value if s.value is not None else 0.0 for s in scores]
             errors = [s.stderr or 0.0 for s in scores]
+            tops = [v + e for v, e in zip(values, errors, strict=True)]
             bars = ax.bar(
                 range(len(names)), values, yerr=errors, capsize=4, color=colors, edgecolor="black", lw=0.5
             )
-            for bar, score in zip(bars, scores, strict=True):
-                label = "n/a" if score.value is None else f"{score.value:.2f}"
+            for bar, score, top in zip(bars, scores, tops, strict=True):
                 ax.annotate(
-                    label,
-                    (bar.get_x() + bar.get_width() / 2, 0),
-                    xytext=(0, 3),
+                    "n/a" if score.value is None else f"{score.value:.3f}",
+                    (bar.get_x() + bar.get_width() / 2, top),
+                    xytext=(0, 2),
                     textcoords="offset points",
                     ha="center",
                     va="bottom",
                     fontsize=8,
-                    color="white",
-                    fontweight="bold",
                 )
             ax.set_xticks(
                 range(len(names)),
@@ -281,9 +279,9 @@ class EvalReport:
                 + ("" if row.higher_is_better is not False else " (lower is better)"),
                 fontsize=9,
             )
-            tops = [v + e for v, e in zip(values, errors, strict=True)]
-            if all(0.0 <= v <= 1.0 for v in values):
-                ax.set_ylim(0, max(1.0, *tops) * 1.02)
+            # shares and accuracies on a 0-1 scale; anything else (perplexity) on its own; room for labels
+            ceiling = max(1.0, *tops) if all(0.0 <= v <= 1.0 for v in values) else max(*tops, 1e-9)
+            ax.set_ylim(0, ceiling * 1.12)
             ax.grid(axis="y", alpha=0.3)
             ax.set_axisbelow(True)
             ax.tick_params(labelsize=8)

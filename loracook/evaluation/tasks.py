@@ -67,7 +67,7 @@ class TaskSet:
 
     >>> tasks = resolve_tasks(["tasks/"], Path("recipes"))  # doctest: +SKIP
     >>> tasks.names  # doctest: +SKIP
-    ('loracook_arithmetic', 'loracook_capitals', 'loracook_capitals_gen')
+    ('loracook_arithmetic', 'loracook_capitals', 'loracook_sequences')
     """
 
     tasks: tuple[ResolvedTask, ...]
@@ -123,21 +123,18 @@ def resolve_tasks(
         if path.is_dir():
             found = _task_files(path)
             if not found:
-                raise BadInput(
-                    "the task folder holds no task YAML file", file=path, loc=where, fix=HOW_TO_ADD
-                )
+                raise BadInput(f"the task folder {path} holds no task YAML file", loc=where, fix=HOW_TO_ADD)
             for file in found:
-                task = _local_task(file, skip_templates=True)
+                task = _local_task(file, in_folder=True)
                 if task is not None:
                     _add(local, order, task, index, where)
         elif path.is_file():
             _add(local, order, _local_task(path), index, where)
         elif _looks_like_path(spec):
             raise BadInput(
-                f"task file {spec!r} not found",
-                file=path,
+                f"task file {spec!r} not found (looked for {path})",
                 loc=where,
-                fix="check the path (relative to the recipe)",
+                fix="check the path (relative to the recipe's folder)",
             )
         else:
             names.append((index, spec.strip()))
@@ -193,8 +190,9 @@ def _add(
     order.append((index, task.name))
 
 
-def _local_task(file: Path, *, skip_templates: bool = False) -> ResolvedTask | None:
-    """Read and check one task YAML; None for an include-only template found in a folder."""
+def _local_task(file: Path, *, in_folder: bool = False) -> ResolvedTask | None:
+    """Read and check one task YAML. In a folder, include-only templates and group files are skipped (None):
+    the tasks themselves are in the folder too."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
@@ -206,13 +204,15 @@ def _local_task(file: Path, *, skip_templates: bool = False) -> ResolvedTask | N
             fix="fix the include path",
         ) from None
     except Exception as exc:  # yaml.YAMLError, a non-mapping document, an include cycle
-        raise BadInput(f"malformed task YAML: {_first_line(exc)}", file=file, fix=HOW_TO_ADD) from None
+        raise BadInput(f"malformed task YAML: {_yaml_problem(exc)}", file=file, fix=HOW_TO_ADD) from None
     if "group" in raw:
+        if in_folder:
+            return None
         raise BadInput(
             "task groups are not supported in local task files", file=file, fix="list the task files instead"
         )
     if not isinstance(raw.get("task"), str) or not raw["task"].strip():
-        if skip_templates:
+        if in_folder:
             return None
         raise BadInput("malformed task YAML: it has no `task:` name", file=file, fix=HOW_TO_ADD)
     _check_keys(raw, file)
@@ -224,13 +224,13 @@ def _local_task(file: Path, *, skip_templates: bool = False) -> ResolvedTask | N
             file=file,
             fix=f"use one of {', '.join(OUTPUT_TYPES)}",
         )
-    metrics = _check_metrics(raw, name, output_type, file)
     try:
         config = load_yaml(file, resolve_func=True)  # imports `!function` helpers next to the YAML
     except Exception as exc:
         raise BadInput(
             f"task {name!r}: {_first_line(exc)}", file=file, fix="fix the `!function` reference"
         ) from None
+    metrics = _check_metrics(config, name, output_type, file)
     if "class" not in config and config.get("custom_dataset") is None:
         _absolute_data(config, name, file)
     return ResolvedTask(name=name, file=file, output_type=output_type, metrics=metrics, config=config)
@@ -255,27 +255,30 @@ def builtin_metrics() -> tuple[str, ...]:
     import lm_eval.api.metrics  # noqa: F401  (fills the registry)
     from lm_eval.api.registry import metric_registry
 
-    return tuple(sorted(metric_registry.keys()))
+    return tuple(sorted(name for name in metric_registry.keys() if name != "bypass"))  # bypass: a placeholder
 
 
-def _check_metrics(raw: Mapping[str, Any], name: str, output_type: str, file: Path) -> tuple[str, ...]:
+def _check_metrics(config: Mapping[str, Any], name: str, output_type: str, file: Path) -> tuple[str, ...]:
+    """Only metrics lm-eval computes itself, a local `!function`, or the keys of a process_results function."""
     from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY, aggregation_registry
 
-    metric_list = raw.get("metric_list")
+    metric_list = config.get("metric_list")
     if metric_list is None:
         return tuple(DEFAULT_METRIC_REGISTRY[output_type])
     if not isinstance(metric_list, list) or not metric_list:
         raise BadInput(f"task {name!r}: metric_list must be a list of {{metric: ...}} entries", file=file)
     builtin = builtin_metrics()
-    custom_results = raw.get("process_results") is not None  # metric names are then just result keys
+    custom_results = config.get("process_results") is not None  # metric names are then just result keys
     names: list[str] = []
     for entry in metric_list:
         if not isinstance(entry, Mapping) or "metric" not in entry:
             raise BadInput(f"task {name!r}: every metric_list entry needs a `metric:` key", file=file)
         metric = entry["metric"]
+        if callable(metric):  # `metric: !function utils.my_metric`, computed locally
+            names.append(metric.__name__)
+            continue
         if not isinstance(metric, str):
             raise BadInput(f"task {name!r}: metric {metric!r} is not a name", file=file)
-        is_function = metric.startswith("!function") or _is_function_node(metric)
         if entry.get("hf_evaluate") is True:
             raise BadInput(
                 f"task {name!r}: metric {metric!r} uses the evaluate library (hf_evaluate: true), "
@@ -283,7 +286,7 @@ def _check_metrics(raw: Mapping[str, Any], name: str, output_type: str, file: Pa
                 file=file,
                 fix=f"drop hf_evaluate and use a built-in metric: {', '.join(builtin)}",
             )
-        if metric not in builtin and not custom_results and not is_function:
+        if metric not in builtin and metric != "bypass" and not custom_results:
             raise BadInput(
                 f"task {name!r}: metric {metric!r} is not available offline (not a built-in lm-eval metric; "
                 "lm-eval would fetch it from the hub with the evaluate library)",
@@ -299,11 +302,6 @@ def _check_metrics(raw: Mapping[str, Any], name: str, output_type: str, file: Pa
             )
         names.append(metric)
     return tuple(names)
-
-
-def _is_function_node(value: str) -> bool:
-    # load_yaml(resolve_func=False) turns `metric: !function utils.f` into an absolute "<dir>/utils.f" path
-    return "/" in value or "\\" in value
 
 
 def _absolute_data(config: dict[str, Any], name: str, file: Path) -> None:
@@ -341,9 +339,7 @@ def _absolute_data(config: dict[str, Any], name: str, file: Path) -> None:
             raise BadInput(
                 f"task {name!r}: data folder {dataset_path!r} not found", file=file, fix="check the path"
             )
-        config["dataset_path"] = str(local_dir)
-        if isinstance(kwargs.get("data_files"), (str, list, dict)):
-            kwargs["data_files"] = _absolute_files(kwargs["data_files"], name, file)
+        config["dataset_path"] = str(local_dir)  # its own data_files are relative to it, as in `datasets`
     # else: a hub dataset id; whether it is in the local cache shows when the task is built (load=True)
 
 
@@ -381,9 +377,18 @@ def _try_build(task: ResolvedTask) -> None:
         raise
     except IndexError:
         raise BadInput(f"task {task.name!r}: its evaluation split is empty", file=task.file) from None
-    except Exception as exc:
+    except ConnectionError:  # datasets' OfflineModeIsEnabled: a hub dataset that is not in the local cache
         raise BadInput(
-            f"task {task.name!r} cannot be loaded: {_first_line(exc)}", file=task.file, fix=HOW_TO_ADD
+            f"task {task.name!r} needs the hub dataset {config.get('dataset_path')!r}, "
+            "which is not available offline (not in the local datasets cache)",
+            file=task.file,
+            fix="point dataset_path: json and data_files at a local copy of the data",
+        ) from None
+    except Exception as exc:  # e.g. a Jinja syntax error, a field the data lacks, unreadable data
+        raise BadInput(
+            f"task {task.name!r} cannot be loaded: {type(exc).__name__}: {_first_line(exc)}",
+            file=task.file,
+            fix=HOW_TO_ADD,
         ) from None
 
 
@@ -424,6 +429,14 @@ def _builtin_task(name: str, local_names: list[str], where: Sequence[str | int])
     output_type = first.get_config("output_type") if first is not None and len(tasks) == 1 else "group"
     metrics = tuple(first._metric_fn_list) if first is not None and len(tasks) == 1 else ()
     return ResolvedTask(name=name, file=None, output_type=output_type, metrics=metrics)
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

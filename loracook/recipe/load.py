@@ -94,14 +94,11 @@ def check_semantics(recipe: Recipe) -> None:
                 fix="give every source a density, or one number for all",
             )
     if recipe.evaluate is not None:
-        for name in recipe.evaluate.baselines:
+        for index, name in enumerate(recipe.evaluate.baselines):
             if name != "base" and name not in recipe.sources:
                 raise BadInput(
-                    _unknown_name("baseline", name, ["base", *known]), loc=("evaluate", "baselines")
+                    _unknown_name("baseline", name, ["base", *known]), loc=("evaluate", "baselines", index)
                 )
-        raise Unsupported(
-            "the `evaluate` section is not supported yet", loc=("evaluate",), fix="remove it or use --no-eval"
-        )
     if recipe.search is not None:
         raise Unsupported("the `search` section is not supported yet", loc=("search",), fix="remove it")
 
