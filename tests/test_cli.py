@@ -53,7 +53,9 @@ def test_schema_lists_each_method_with_its_parameters():
 
 def test_error_points_to_yaml_line_with_did_you_mean(tmp_path: Path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("loracook: 1\nbase: ./b\nsources:\n  a: ./a\nmerge:\n  method: linear\n  wieghts: {a: 1}\n")
+    recipe.write_text(
+        "loracook: 1\nbase: ./b\nsources:\n  a: ./a\nmerge:\n  method: linear\n  wieghts: {a: 1}\n"
+    )
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0

@@ -65,15 +65,13 @@ def extract_recipe(base: Path, sources: dict, out: Path, merge=None, kind: str =
     return recipe
 
 
-def factor_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+def factor_deltas(adapter: Path, base: Path) -> dict[str, torch.Tensor]:
     """ΔW per module from PEFT after loading (scale included), in the base's storage orientation."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    base_path = config["loracook_extracted_from"]
     model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), adapter
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
     )
     return {
         name: module.get_delta_weight("default").detach().float()
@@ -95,7 +93,7 @@ def test_extracted_error_is_within_one_percent_of_optimal(zoo, tuned, tmp_path, 
     result = run_cli(["run", write_recipe(tmp_path, extract_recipe(base, {"ft": spec}, out))], capfd)
     assert result.code == 0, result
     base_t, ft_t = read_tensors(base), read_tensors(tuned["noisy"])
-    got = factor_deltas(out)
+    got = factor_deltas(out, base)
     assert len(got) == 14  # 7 projections × 2 layers
     for module, delta in got.items():
         target = ft_t[f"{module}.weight"] - base_t[f"{module}.weight"]
@@ -117,7 +115,7 @@ def test_true_low_rank_delta_is_recovered_to_rounding_and_round_trips(zoo, tuned
     spec = {"extract": {"model": str(tuned["exact"]), "rank": 4}}
     assert run_cli(["run", write_recipe(tmp_path, extract_recipe(base, {"ft": spec}, out))], capfd).code == 0
     base_t, ft_t = read_tensors(base), read_tensors(tuned["exact"])
-    deltas = factor_deltas(out)
+    deltas = factor_deltas(out, base)
     assert not any("k_proj" in m for m in deltas)  # unchanged modules are skipped
     for module, delta in deltas.items():
         target = ft_t[f"{module}.weight"] - base_t[f"{module}.weight"]

@@ -22,7 +22,9 @@ def peft_deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    )
     deltas = {}
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "scaling", {}):
@@ -89,11 +91,15 @@ def adapter_recipe(zoo, sources: dict, merge: dict, out: Path, kind: str = "adap
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "cat"])
 def test_exact_methods_equal_the_dense_weighted_sum(zoo, tmp_path, capfd, method):
     out = tmp_path / "out"
-    recipe = adapter_recipe(zoo, {"x": "a", "y": "b"}, {"method": method, "weights": {"x": 0.7, "y": -0.3}}, out)
+    recipe = adapter_recipe(
+        zoo, {"x": "a", "y": "b"}, {"method": method, "weights": {"x": 0.7, "y": -0.3}}, out
+    )
     result = run(tmp_path, capfd, recipe)
     assert result.code == 0, result
     base = zoo.models["llama"]
-    expected = weighted_sum([(0.7, peft_deltas(base, zoo.adapters["a"])), (-0.3, peft_deltas(base, zoo.adapters["b"]))])
+    expected = weighted_sum(
+        [(0.7, peft_deltas(base, zoo.adapters["a"])), (-0.3, peft_deltas(base, zoo.adapters["b"]))]
+    )
     got = peft_deltas(base, out)
     assert got.keys() == expected.keys()  # the union of target modules
     assert max((got[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
@@ -113,10 +119,14 @@ def read_tensors_adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_mixed_rslora_patterns_and_plain_fold_exactly(zoo, tmp_path, capfd):
     out = tmp_path / "out"
-    recipe = adapter_recipe(zoo, {"r": "rslora", "a": "a"}, {"method": "linear", "weights": {"r": 0.5, "a": 1.0}}, out)
+    recipe = adapter_recipe(
+        zoo, {"r": "rslora", "a": "a"}, {"method": "linear", "weights": {"r": 0.5, "a": 1.0}}, out
+    )
     assert run(tmp_path, capfd, recipe).code == 0
     base = zoo.models["llama"]
-    expected = weighted_sum([(0.5, peft_deltas(base, zoo.adapters["rslora"])), (1.0, peft_deltas(base, zoo.adapters["a"]))])
+    expected = weighted_sum(
+        [(0.5, peft_deltas(base, zoo.adapters["rslora"])), (1.0, peft_deltas(base, zoo.adapters["a"]))]
+    )
     got = peft_deltas(base, out)
     assert max((got[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
     config = json.loads((out / "adapter_config.json").read_text())
@@ -163,7 +173,9 @@ def test_low_rank_outputs_are_optimal(zoo, tmp_path, capfd, method):
     merge = {"method": method, "weights": {"x": 0.7, "y": 0.5}, "rank": 6}
     assert run(tmp_path, capfd, adapter_recipe(zoo, {"x": "a", "y": "b"}, merge, out)).code == 0
     base = zoo.models["llama"]
-    target = weighted_sum([(0.7, peft_deltas(base, zoo.adapters["a"])), (0.5, peft_deltas(base, zoo.adapters["b"]))])
+    target = weighted_sum(
+        [(0.7, peft_deltas(base, zoo.adapters["a"])), (0.5, peft_deltas(base, zoo.adapters["b"]))]
+    )
     got = peft_deltas(base, out)
     for name, matrix in target.items():
         error = float(torch.linalg.norm(got[name] - matrix))
@@ -204,7 +216,9 @@ def test_ties_into_a_model_is_exact(zoo, tmp_path, capfd):
     delta = model_delta(zoo, out)
     for name in da:
         parts = [(1.0, da[name], 0.5)] + ([(-0.5, db[name], 0.3)] if name in db else [])
-        reference = ties_reference([d for _, d, _ in parts], [w for w, _, _ in parts], [p for _, _, p in parts])
+        reference = ties_reference(
+            [d for _, d, _ in parts], [w for w, _, _ in parts], [p for _, _, p in parts]
+        )
         assert (delta[f"{name}.weight"] - reference).abs().max().item() <= 1e-5, name
 
 
@@ -244,7 +258,9 @@ def test_svd_into_a_model_adds_the_best_low_rank_sum(zoo, tmp_path, capfd):
     merge = {"method": "svd", "weights": {"x": 0.7, "y": 0.5}, "rank": 4}
     assert run(tmp_path, capfd, adapter_recipe(zoo, {"x": "a", "y": "b"}, merge, out, kind="model")).code == 0
     base = zoo.models["llama"]
-    target = weighted_sum([(0.7, peft_deltas(base, zoo.adapters["a"])), (0.5, peft_deltas(base, zoo.adapters["b"]))])
+    target = weighted_sum(
+        [(0.7, peft_deltas(base, zoo.adapters["a"])), (0.5, peft_deltas(base, zoo.adapters["b"]))]
+    )
     delta = model_delta(zoo, out)
     for name, matrix in target.items():
         error = float(torch.linalg.norm(delta[f"{name}.weight"] - matrix))

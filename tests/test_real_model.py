@@ -47,7 +47,9 @@ def test_merge_into_smollm2_equals_peft(smollm2: Path, adapter: Path, tmp_path: 
     assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 3  # 540 MB in 200 MB shards
 
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), adapter).merge_and_unload()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smollm2), adapter
+    ).merge_and_unload()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     expected, got = reference.state_dict(), merged.state_dict()
     assert expected.keys() == got.keys()

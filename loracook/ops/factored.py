@@ -198,3 +198,188 @@ def effective_rank(S: Tensor, energy: float) -> int:
     """
     S = torch.sort(S.abs(), descending=True).values
     return _rank_for_energy(S, float(S.double().square().sum()), energy)
+
+
+# ---------------------------------------------------------------- dense low-rank approximation
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A rank-r approximation B @ A of a dense matrix M (see :func:`low_rank_dense`).
+
+    B (m × r) = U√S and A (r × n) = √S Vh; S holds the top singular values as computed (at most the
+    requested rank; B @ A uses the first r). err = ‖M − B A‖_F, rel_err = err / ‖M‖_F, energy = retained
+    share ‖B A‖_F² / ‖M‖_F² (1.0 for M = 0). method_used is "randomized" or "exact"; niter is the number
+    of power iterations the randomized path ran (0 if it was not used).
+    """
+
+    B: Tensor
+    A: Tensor
+    S: Tensor
+    err: float
+    rel_err: float
+    energy: float
+    method_used: Literal["randomized", "exact"]
+    niter: int
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
+
+def _sqrt_split(U: Tensor, S: Tensor, Vh: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]
+
+
+def _result(M, B, A, S, err, norm2, method, niter) -> LowRank:
+    kept = float(torch.linalg.vector_norm(S[: B.shape[1]]).double() ** 2)
+    energy = min(kept / norm2, 1.0) if norm2 > 0 else 1.0
+    rel_err = err / math.sqrt(norm2) if norm2 > 0 else 0.0
+    return LowRank(B, A, S, err, rel_err, energy, method, niter)
+
+
+def _exact(M: Tensor, rank: int, energy: float | None, norm2: float, niter: int) -> LowRank:
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    r = rank if energy is None else min(rank, _rank_for_energy(S, norm2, energy))
+    B, A = _sqrt_split(U, S, Vh, r)
+    return _result(M, B, A, S[:rank], float(torch.linalg.vector_norm(S[r:])), norm2, "exact", niter)
+
+
+def _blocks(M: Tensor, size: int = 4096):
+    """Column blocks of a wide M (row blocks of a tall one), so temporaries stay small for embeddings."""
+    wide = M.shape[0] <= M.shape[1]
+    X = M if wide else M.mT
+    for start in range(0, X.shape[1], size):
+        yield X[:, start : start + size], wide, start
+
+
+def _gram_spectrum(M: Tensor) -> Tensor:
+    """All squared singular values of M, decreasing, from the Gram matrix of its smaller side.
+
+    float64 on purpose: in float32 the eigenvalues of the Gram matrix carry errors up to about
+    k·sqrt(n)·eps·‖M‖_F² on a sum of k of them, which can hide a 1 % change of a small rank-k error; in
+    float64 they are exact to far below the float32 rounding of M itself.
+    """
+    G = None
+    for X, _, _ in _blocks(M):
+        X = X.double()
+        G = X @ X.mT if G is None else G.addmm_(X, X.mT)
+    return torch.linalg.eigvalsh(G).flip(0).clamp_min(0.0)
+
+
+def _residual_norm(M: Tensor, B: Tensor, A: Tensor) -> float:
+    """‖M − B A‖_F computed directly (no cancellation against ‖M‖), block by block."""
+    total = 0.0
+    for X, wide, start in _blocks(M):
+        if wide:
+            part = X - B @ A[:, start : start + X.shape[1]]
+        else:
+            part = X - (B[start : start + X.shape[1]] @ A).mT
+        total += float(torch.linalg.vector_norm(part).double() ** 2)
+    return math.sqrt(total)
+
+
+def low_rank_dense(
+    M: Tensor,
+    rank: int,
+    *,
+    method: Literal["randomized", "exact"] = "randomized",
+    oversample: int = 8,
+    niter: int = 2,
+    tol: float | None = 0.01,
+    energy: float | None = None,
+    generator: torch.Generator | None = None,
+    max_niter: int = 10,
+) -> LowRank:
+    """Best rank-``rank`` approximation B @ A of a dense matrix M, with its exact error.
+
+    ``method="exact"`` uses ``torch.linalg.svd``. ``method="randomized"`` (Halko, Martinsson & Tropp 2011,
+    algorithm 4.4) draws an n × (rank + oversample) Gaussian test matrix from ``generator`` (a fixed seed
+    when None, so results are deterministic), runs ``niter`` power iterations with QR re-orthonormalization
+    between the products, and takes the SVD of the small projected matrix QᵀM.
+
+    A-posteriori check (when ``tol`` is not None): the optimal error opt_r = sqrt(Σ_{i>r} σ_i²) is computed
+    exactly from the eigenvalues of the float64 Gram matrix of the smaller side of M (no eigenvectors, so
+    it costs a fraction of an SVD), and the randomized factors are accepted only if their actual residual
+    ‖M − B A‖_F, computed directly, is ≤ (1 + tol)·opt_r + 64·eps·‖M‖_F (the last term is float32 rounding,
+    which bounds what any float32 method can reach). While the check fails, power iterations continue, up
+    to ``max_niter``; after that the exact SVD is returned (``method_used="exact"``). So the returned error
+    is never more than ``tol`` worse than optimal, up to rounding. Slowly decaying or flat spectra need the
+    extra iterations: subspace iteration converges on them only like 1/niter. Cheaper estimates of the
+    optimal error from the iteration itself (e.g. the last increase of captured energy) are fooled by a
+    cluster of singular values just above a flat bulk, which is why the check is exact. ``tol=None``
+    skips the check (plain randomized SVD, no guarantee, for very large matrices).
+
+    ``energy``: if given, the rank becomes the smallest r ≤ ``rank`` whose retained share of ‖M‖_F² is
+    ≥ ``energy`` (from the exact spectrum when the check runs, else from the computed one); it may be 0 for
+    M = 0. Without ``energy`` the result has exactly min(rank, m, n) columns. When rank + oversample is at
+    least half of min(m, n), the randomized path would not be cheaper and the exact SVD is used.
+
+    Timings on 2 shared CPU cores, float32 576 × 1536, rank 64 (torch 2.13, MKL): exact SVD ~70 ms;
+    randomized with the check ~40 ms (Gram + eigenvalues ~23 ms of it) when it passes at niter=2,
+    ~50 ms when a flat spectrum needs 4 iterations; ``tol=None`` ~12 ms. On 2048 × 5632 the exact SVD
+    takes ~30 s and the randomized path with the check ~5 s.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> M = torch.randn(60, 8, generator=g) @ torch.randn(8, 90, generator=g)  # rank 8
+    >>> lr = low_rank_dense(M, 8)
+    >>> lr.B.shape, lr.A.shape, lr.method_used, lr.rel_err < 1e-5
+    (torch.Size([60, 8]), torch.Size([8, 90]), 'randomized', True)
+    """
+    if M.dim() != 2 or M.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"expected a 2-D float32 (or float64) matrix, got {tuple(M.shape)} {M.dtype}")
+    if rank < 0 or oversample < 0 or niter < 0 or max_niter < niter:
+        raise ValueError(
+            f"need rank, oversample, niter >= 0 and max_niter >= niter; got {rank}, {oversample}, {niter}, {max_niter}"
+        )
+    if method not in ("randomized", "exact"):
+        raise ValueError(f"method must be 'randomized' or 'exact', got {method!r}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0 or None, got {tol}")
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("matrix has NaN or infinite entries")
+    m, n = M.shape
+    rank = min(int(rank), m, n)
+    norm2 = float(torch.linalg.vector_norm(M).double() ** 2)
+    if rank == 0 or norm2 == 0.0:
+        r = 0 if energy is not None or rank == 0 else rank
+        return _result(
+            M, M.new_zeros(m, r), M.new_zeros(r, n), M.new_zeros(rank), math.sqrt(norm2), norm2, "exact", 0
+        )
+    width = rank + oversample  # columns of the sketch
+    if method == "exact" or 2 * width >= min(m, n):
+        return _exact(M, rank, energy, norm2, 0)
+    return _randomized(M, rank, width, niter, tol, energy, generator, max_niter, norm2)
+
+
+def _randomized(M, rank, width, niter, tol, energy, generator, max_niter, norm2) -> LowRank:
+    m, n = M.shape
+    eps = torch.finfo(M.dtype).eps
+    r, allowed = rank, math.inf
+    if tol is not None:
+        spectrum = _gram_spectrum(M)  # σ_i², exact
+        norm2 = float(spectrum.sum())
+        if energy is not None:
+            r = min(rank, _rank_for_energy(spectrum.sqrt(), norm2, energy))
+        opt = math.sqrt(float(spectrum[r:].sum()))
+        allowed = (1 + tol) * opt + 64 * eps * math.sqrt(norm2)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    omega = torch.randn(n, width, generator=generator, dtype=M.dtype).to(M.device)
+    Q = torch.linalg.qr(M @ omega).Q
+    last = niter if tol is None else max_niter
+    for j in range(last + 1):
+        # W = MᵀQ = Z Rz; the SVD of the small width × width factor Rz gives that of QᵀM = Wᵀ.
+        Z, Rz = torch.linalg.qr(M.mT @ Q)
+        if j >= niter:
+            Uz, S, Vzh = torch.linalg.svd(Rz)
+            if tol is None and energy is not None:
+                r = min(rank, _rank_for_energy(S, norm2, energy))
+            B, A = _sqrt_split(Q @ Vzh.mT, S, (Z @ Uz).mT, r)
+            err = _residual_norm(M, B, A)
+            if err <= allowed:
+                return _result(M, B, A, S[:rank], err, norm2, "randomized", j)
+        if j < last:
+            Q = torch.linalg.qr(M @ Z).Q
+    return _exact(M, rank, energy, norm2, last)

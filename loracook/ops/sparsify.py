@@ -153,7 +153,9 @@ def _check(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> None:
     shape = deltas[0].shape
     for d in deltas:
         if d.shape != shape:
-            raise ValueError(f"deltas of one module must have one shape, got {tuple(shape)} and {tuple(d.shape)}")
+            raise ValueError(
+                f"deltas of one module must have one shape, got {tuple(shape)} and {tuple(d.shape)}"
+            )
 
 
 def _stack(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> Tensor:
@@ -179,7 +181,7 @@ def magnitude_prune_merge(
     tensor([ 3., -4.])
     """
     _check(deltas, weights, densities)
-    pruned = [magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities)]
+    pruned = [magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities, strict=True)]
     return task_arithmetic(pruned, weights)
 
 
@@ -200,7 +202,7 @@ def ties(
     tensor([-4., -2.,  2.])
     """
     _check(deltas, weights, densities)
-    trimmed = torch.stack([magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities)])
+    trimmed = torch.stack([magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities, strict=True)])
     signs = elect_sign(_weighted(trimmed, weights), majority_sign)
     return disjoint_merge(trimmed, signs, weights)
 
@@ -219,7 +221,7 @@ def dare_linear(
     tensor([1., 1., 1., 1.])
     """
     _check(deltas, weights, densities, generators)
-    dropped = [dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators)]
+    dropped = [dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators, strict=True)]
     return task_arithmetic(dropped, weights)
 
 
@@ -238,6 +240,8 @@ def dare_ties(
     tensor([ 2., -2.])
     """
     _check(deltas, weights, densities, generators)
-    dropped = torch.stack([dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators)])
+    dropped = torch.stack(
+        [dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators, strict=True)]
+    )
     signs = elect_sign(_weighted(dropped, weights), majority_sign)
     return disjoint_merge(dropped, signs, weights)
