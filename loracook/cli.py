@@ -146,12 +146,17 @@ def _check_files(loaded) -> None:
 
     try:
         make_plan(loaded.recipe, Path(loaded.recipe.output.path or "unused-output"))
-        if loaded.recipe.evaluate is not None:
-            from loracook.evaluation import resolve_tasks
-
-            resolve_tasks(loaded.recipe.evaluate.tasks, loaded.file.parent.resolve(), load=False)
+        _check_tasks(loaded)
     except BadInput as error:
         raise loaded.locate(error) from None
+
+
+def _check_tasks(loaded) -> None:
+    """The evaluate section's tasks exist and work offline (task files only; no model is loaded)."""
+    if loaded.recipe.evaluate is not None:
+        from loracook.evaluation import resolve_tasks
+
+        resolve_tasks(loaded.recipe.evaluate.tasks, loaded.file.parent.resolve(), load=False)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -160,6 +165,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     loaded = _load(args.recipe)
     try:
         plan = make_plan(loaded.recipe, args.output)
+        _check_tasks(loaded)
     except BadInput as error:
         raise loaded.locate(error) from None
     _print_plan(plan, show_all=args.all)

@@ -227,23 +227,13 @@ def _block(
 
 def _whole(task: TensorTask, readers: Readers, report: Report) -> torch.Tensor:
     """The whole tensor W + combine(ΔW_1..n) in fp32, for methods that need each delta whole."""
-    from loracook.ops.combine import combine_dense
 
     base = readers.read(task.base).to(torch.float32)
     if not task.terms:
         return base
-    deltas = [_dense_delta(t, base, readers, task.name) for t in task.terms]
     combine = task.combine
-    merged = combine_dense(
-        deltas,
-        [t.weight for t in task.terms],
-        method=combine.method,
-        densities=[combine.density(t.source) for t in task.terms],
-        majority_sign=combine.majority_sign,
-        rescale=combine.rescale,
-        seed=combine.seed,
-        names=[f"{task.name}|{t.source}" for t in task.terms],
-    )
+    deltas = [_dense_delta(t, base, readers, task.name) for t in task.terms]
+    merged = _combine_dense(deltas, task.terms, combine, task.name)
     del deltas
     if combine.method == "svd" and merged.dim() == 2:
         from loracook.ops.factored import low_rank_dense
@@ -254,6 +244,22 @@ def _whole(task: TensorTask, readers: Readers, report: Report) -> torch.Tensor:
         )
         merged = low.B @ low.A
     return base + merged
+
+
+def _combine_dense(deltas: list[torch.Tensor], terms, combine, name: str) -> torch.Tensor:
+    """The method's combination of whole per-source deltas; DARE masks are seeded by tensor and source."""
+    from loracook.ops.combine import combine_dense
+
+    return combine_dense(
+        deltas,
+        [t.weight for t in terms],
+        method=combine.method,
+        densities=[combine.density(t.source) for t in terms],
+        majority_sign=combine.majority_sign,
+        rescale=combine.rescale,
+        seed=combine.seed,
+        names=[f"{name}|{t.source}" for t in terms],
+    )
 
 
 def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) -> torch.Tensor:
@@ -283,7 +289,6 @@ def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) ->
 
 def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, torch.Tensor]:
     """Merged LoRA factors of one module, padded to ``task.rank``."""
-    from loracook.ops.combine import combine_dense
     from loracook.ops.factored import frobenius_norm, stack_factors, truncate_factors
     from loracook.ops.random import tensor_generator
     from loracook.ops.sparsify import dare
@@ -313,16 +318,7 @@ def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, tor
                 delta = dare(delta, 1.0 - term.dare.drop, generator, rescale=term.dare.rescale)
             deltas.append(delta)
         c = task.combine
-        merged = combine_dense(
-            deltas,
-            [t.weight for t in task.terms],
-            method=c.method,
-            densities=[c.density(t.source) for t in task.terms],
-            majority_sign=c.majority_sign,
-            rescale=c.rescale,
-            seed=c.seed,
-            names=[f"{task.module}.weight|{t.source}" for t in task.terms],
-        )
+        merged = _combine_dense(deltas, task.terms, c, f"{task.module}.weight")
         del deltas
         low = low_rank_dense(merged, task.rank, generator=tensor_generator(c.seed, f"{task.module}|svd"))
         b, a = low.B, low.A

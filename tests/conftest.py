@@ -122,3 +122,12 @@ def zoo(tmp_path_factory) -> Zoo:
         for name, (base, spec) in ADAPTERS.items():
             adapters[name] = make_lora(models[base], root / f"adapter_{name}", **spec)
     return Zoo(root=root, models=models, adapters=adapters)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine can be 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -275,3 +275,24 @@ def run_cli_subprocess(args: list[str], cwd: Path | None = None, timeout: float 
         timeout=timeout,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def ties_reference(deltas, weights, densities) -> torch.Tensor:
+    """TIES written independently in numpy (docs/merge-methods.md): trim each delta to its top-k |value|
+    (k = round(density·n), the lower flat index wins ties), elect the sign of Σ w_i δ_i, and average the
+    w_i δ_i that agree with it (0 where none does)."""
+    import numpy as np
+
+    trimmed = []
+    for d, p in zip(deltas, densities, strict=True):
+        flat = d.numpy().astype(np.float64).ravel()
+        k = min(flat.size, int(np.floor(p * flat.size + 0.5)))
+        order = sorted(range(flat.size), key=lambda i: (-abs(flat[i]), i))
+        keep = np.zeros(flat.size, dtype=bool)
+        keep[order[:k]] = True
+        trimmed.append(np.where(keep, flat, 0.0))
+    weighted = np.stack([w * t for w, t in zip(weights, trimmed, strict=True)])
+    sign = np.sign(weighted.sum(axis=0))
+    agree = (np.sign(weighted) == sign) & (sign != 0)
+    merged = np.where(agree, weighted, 0.0).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
+    return torch.from_numpy(merged.reshape(deltas[0].shape)).float()

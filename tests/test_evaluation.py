@@ -41,7 +41,7 @@ from loracook.evaluation import tasks as tasks_module
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-SHIPPED = ("loracook_arithmetic", "loracook_capitals", "loracook_sequences")
+SHIPPED = ("loracook_arithmetic", "loracook_capitals", "loracook_sequences", "loracook_vellmark")
 PROMPT = "Question: What is the capital of France?\nAnswer: Paris"
 
 # A loglikelihood task: its perplexity is a continuous score, so two candidates share it only when they
@@ -65,12 +65,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine can be 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """See conftest.one_thread."""
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +128,12 @@ def test_resolve_folder_file_and_local_name(monkeypatch):
     assert by_folder.names == SHIPPED
     assert not by_folder.needs_builtin_index
     mixed = resolve_tasks(["tasks/sequences.yaml", "tasks/", "loracook_capitals"], RECIPES)
-    assert mixed.names == ("loracook_sequences", "loracook_arithmetic", "loracook_capitals")
+    assert mixed.names == (
+        "loracook_sequences",
+        "loracook_arithmetic",
+        "loracook_capitals",
+        "loracook_vellmark",
+    )
     capitals = {t.name: t for t in mixed.tasks}["loracook_capitals"]
     assert capitals.file == RECIPES / "tasks" / "capitals.yaml"
     assert (capitals.output_type, capitals.metrics) == ("multiple_choice", ("acc", "acc_norm"))
@@ -338,6 +339,7 @@ def test_evaluate_base_sources_and_both_output_kinds(tiny, loaded, shipped, perp
         ("loracook_capitals", "acc"),
         ("loracook_capitals", "acc_norm"),
         ("loracook_sequences", "exact_match (strip)"),
+        ("loracook_vellmark", "acc"),
     ]
     for row in report.rows:
         assert set(row.scores) == set(names)
@@ -414,7 +416,7 @@ def test_no_network_during_task_resolution_and_evaluation(tiny, monkeypatch, tmp
     with pytest.raises(BadInput, match="not available offline"):  # refused without trying the hub
         resolve_tasks([str(hub_task)], tmp_path)
     assert attempts == []
-    assert [r.task for r in report.rows] == ["loracook_arithmetic", "loracook_capitals", "loracook_capitals", "loracook_sequences"]  # fmt: skip
+    assert [r.task for r in report.rows] == ["loracook_arithmetic", "loracook_capitals", "loracook_capitals", "loracook_sequences", "loracook_vellmark"]  # fmt: skip
     assert all(r.scores["tiny"].value is not None for r in report.rows)
 
 

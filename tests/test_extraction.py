@@ -6,10 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from fixtures import read_tensors, run_cli, write_recipe
+from fixtures import read_tensors, run_cli, ties_reference, write_recipe
 from safetensors.torch import load_file, save_file
 
 TRUE_RANK = 3
@@ -172,22 +171,6 @@ def test_changed_norm_and_embedding(zoo, tuned, tmp_path, capfd):
     assert result.code == 2 and "model.norm.weight" in result.err and not out.exists()
 
 
-def ties_reference(deltas, weights, density):
-    trimmed = []
-    for d in deltas:
-        flat = d.numpy().astype(np.float64).ravel()
-        k = int(np.floor(density * flat.size + 0.5))
-        order = sorted(range(flat.size), key=lambda i: (-abs(flat[i]), i))
-        keep = np.zeros(flat.size, dtype=bool)
-        keep[order[:k]] = True
-        trimmed.append(np.where(keep, flat, 0.0))
-    weighted = np.stack([w * t for w, t in zip(weights, trimmed, strict=True)])
-    sign = np.sign(weighted.sum(axis=0))
-    agree = (np.sign(weighted) == sign) & (sign != 0)
-    merged = np.where(agree, weighted, 0.0).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
-    return torch.from_numpy(merged.reshape(deltas[0].shape)).float()
-
-
 def test_two_extractions_merged_with_ties_match_the_dense_steps(zoo, tuned, tmp_path, capfd):
     base = zoo.models["llama"]
     out = tmp_path / "out"
@@ -206,7 +189,7 @@ def test_two_extractions_merged_with_ties_match_the_dense_steps(zoo, tuned, tmp_
             continue
         dx, _ = svd_truncate(x_t[name] - w, 4)
         dy, _ = svd_truncate(y_t[name] - w, 4)
-        reference = w + ties_reference([dx, dy], [1.0, 0.5], 0.5)
+        reference = w + ties_reference([dx, dy], [1.0, 0.5], [0.5, 0.5])
         assert (got[name] - reference).abs().max().item() <= 2e-5, name
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from fixtures import read_tensors, run_cli, write_recipe
+from fixtures import read_tensors, run_cli, ties_reference, write_recipe
 
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -48,25 +47,6 @@ def weighted_sum(parts: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str
 def optimal_error(matrix: torch.Tensor, rank: int) -> float:
     s = torch.linalg.svdvals(matrix.double())
     return float(torch.sqrt((s[rank:] ** 2).sum()))
-
-
-def ties_reference(deltas, weights, densities):
-    """TIES in numpy: trim to the top-k |δ| (k = round(density·n), lower index wins ties), elect the sign of
-    Σ w_i δ_i, average w_i δ_i over the sources that agree with it (docs/merge-methods.md)."""
-    trimmed = []
-    for d, p in zip(deltas, densities, strict=True):
-        flat = d.numpy().astype(np.float64).ravel()
-        k = min(flat.size, int(np.floor(p * flat.size + 0.5)))
-        order = sorted(range(flat.size), key=lambda i: (-abs(flat[i]), i))
-        keep = np.zeros(flat.size, dtype=bool)
-        keep[order[:k]] = True
-        trimmed.append(np.where(keep, flat, 0.0))
-    weighted = np.stack([w * t for w, t in zip(weights, trimmed, strict=True)])
-    sign = np.sign(weighted.sum(axis=0))
-    agree = (np.sign(weighted) == sign) & (sign != 0)
-    total = np.where(agree, weighted, 0.0).sum(axis=0)
-    count = np.maximum(agree.sum(axis=0), 1)
-    return torch.from_numpy((total / count).reshape(deltas[0].shape)).float()
 
 
 def run(zoo_dir: Path, capfd, recipe: dict, *extra: str):

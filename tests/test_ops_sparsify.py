@@ -26,6 +26,9 @@ from loracook.ops.sparsify import (
     ties,
 )
 
+# small tensors: one thread is faster, and immune to a busy machine (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------- references (lists of floats)
 
 
@@ -200,6 +203,14 @@ def test_disjoint_merge_matches_reference():
     weighted = T(trimmed) * T(weights)[:, None]
     out = disjoint_merge(T(trimmed), elect_sign(weighted), weights)
     assert close(out, ref_disjoint(trimmed, weights, "total"))
+    # a list and a `weights` argument elect the same signs as the stacked weighted deltas
+    for method in ("total", "frequency"):
+        signs = elect_sign([T(t) for t in trimmed], method, weights=weights)
+        assert signs.tolist() == ref_elect(
+            [[w * v for v in t] for w, t in zip(weights, trimmed, strict=True)], method
+        )
+        out = disjoint_merge([T(t) for t in trimmed], signs, weights)
+        assert close(out, ref_disjoint(trimmed, weights, method))
 
 
 # ---------------------------------------------------------------- ties / dare_ties / dare_linear / others

@@ -46,7 +46,10 @@ def test_adapter_recipes_run_and_load_with_peft(recipe: Path, tmp_path: Path, ca
 
 
 def test_recipe_runs_end_to_end(tmp_path: Path, capsys):
-    """The demo recipe on the real SmolLM2-135M, into a fresh folder; the merged model answers the new fact."""
+    """The demo recipe on the real SmolLM2-135M, into a fresh folder; the merged model answers the new fact.
+
+    --no-eval: the evaluate section is checked by `validate` above and run end to end in test_run_eval.py on a
+    tiny model; on the real model it takes minutes (its figures are in docs/evaluation.md)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

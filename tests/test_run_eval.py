@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from fixtures import LLAMA_LINEAR, make_llama, make_lora, run_cli, write_recipe
 
 TASKS = Path(__file__).resolve().parent.parent / "recipes" / "tasks"
@@ -25,11 +24,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """See conftest.one_thread."""
 
 
 @pytest.fixture(scope="module")

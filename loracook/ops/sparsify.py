@@ -103,33 +103,38 @@ def dare(delta: Tensor, density: float, generator: torch.Generator, rescale: boo
     return out / density if rescale else out
 
 
-def elect_sign(deltas: Tensor, method: SignMethod = "total") -> Tensor:
-    """The elected sign (-1, 0 or +1) of each entry of ``deltas`` stacked on dim 0.
+def elect_sign(
+    deltas: Tensor | Sequence[Tensor], method: SignMethod = "total", weights: Sequence[float] | None = None
+) -> Tensor:
+    """The elected sign (-1, 0 or +1) of each entry, over sources (a list, or a tensor stacked on dim 0).
 
     ``"total"`` (TIES): sign of the sum over sources, so larger entries weigh more. ``"frequency"``: sign of
-    (number of positive entries - number of negative entries). A tie or an all-zero entry gives 0.
+    (number of positive entries - number of negative entries). A tie or an all-zero entry gives 0. With
+    ``weights`` the election is on w_i·δ_i (without materializing the weighted copies).
 
     >>> d = torch.tensor([[3.0, 1.0, 0.0], [-1.0, -2.0, 0.0], [-1.0, 2.0, 0.0]])
     >>> elect_sign(d, "total"), elect_sign(d, "frequency")
     (tensor([1., 1., 0.]), tensor([-1.,  1.,  0.]))
+    >>> elect_sign(d, "total", weights=[0.1, 1.0, 1.0])
+    tensor([-1.,  1.,  0.])
     """
-    if method == "total":
-        return torch.sign(deltas.sum(dim=0))
-    if method == "frequency":
-        return torch.sign(torch.sign(deltas).sum(dim=0))
-    raise ValueError(f"majority sign method must be 'total' or 'frequency', got {method!r}")
+    if method not in ("total", "frequency"):
+        raise ValueError(f"majority sign method must be 'total' or 'frequency', got {method!r}")
+    weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
+    total = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):  # source by source: no (n, ...) temporaries
+        if method == "total":
+            total.add_(d, alpha=w)
+        else:  # the vote of w·d is sign(w)·sign(d)
+            total.add_(torch.sign(d), alpha=(w > 0) - (w < 0))
+    return torch.sign(total)
 
 
-def _weighted(deltas: Tensor, weights: Sequence[float]) -> Tensor:
-    w = torch.tensor([float(x) for x in weights], dtype=deltas.dtype, device=deltas.device)
-    return deltas * w.reshape((-1,) + (1,) * (deltas.dim() - 1))
-
-
-def disjoint_merge(deltas: Tensor, signs: Tensor, weights: Sequence[float]) -> Tensor:
+def disjoint_merge(deltas: Tensor | Sequence[Tensor], signs: Tensor, weights: Sequence[float]) -> Tensor:
     """TIES disjoint mean: average of the weighted deltas w_i·δ_i whose sign equals the elected sign.
 
-    ``deltas`` are the (trimmed, unweighted) deltas stacked on dim 0, ``signs`` the elected signs (from
-    :func:`elect_sign` on the *weighted* deltas). Entry p of the result is
+    ``deltas`` are the (trimmed, unweighted) deltas (a list, or stacked on dim 0), ``signs`` the elected
+    signs (from :func:`elect_sign` with the same ``weights``). Entry p of the result is
     Σ_{i∈A_p} w_i δ_i[p] / |A_p| with A_p = {i : sign(w_i δ_i[p]) = signs[p] ≠ 0}; it is 0 where A_p is
     empty, in particular where the elected sign is 0.
 
@@ -137,11 +142,14 @@ def disjoint_merge(deltas: Tensor, signs: Tensor, weights: Sequence[float]) -> T
     >>> disjoint_merge(d, torch.tensor([1.0, 0.0]), [1.0, 0.5])
     tensor([2., 0.])
     """
-    weighted = _weighted(deltas, weights)
-    agree = (torch.sign(weighted) == signs) & (signs != 0)
-    total = torch.where(agree, weighted, 0.0).sum(dim=0)
-    count = agree.sum(dim=0).clamp_min(1).to(total.dtype)
-    return total / count
+    total = torch.zeros_like(signs)
+    count = torch.zeros_like(signs)
+    for d, w in zip(deltas, weights, strict=True):
+        x = d * float(w)
+        agree = (torch.sign(x) == signs) & (signs != 0)
+        total += torch.where(agree, x, 0.0)
+        count += agree
+    return total / count.clamp_min(1)
 
 
 def _check(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> None:
@@ -158,18 +166,17 @@ def _check(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> None:
             )
 
 
-def _stack(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> Tensor:
-    _check(deltas, *per_source)
-    return torch.stack(list(deltas), dim=0)
-
-
 def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Σ w_i ΔW_i (Ilharco et al. 2023); with dense deltas this is also loracook's ``linear``.
 
     >>> task_arithmetic([torch.ones(2), torch.full((2,), 2.0)], [1.0, -0.5])
     tensor([0., 0.])
     """
-    return _weighted(_stack(deltas, weights), weights).sum(dim=0)
+    _check(deltas, weights)
+    total = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        total.add_(d, alpha=float(w))
+    return total
 
 
 def magnitude_prune_merge(
@@ -202,9 +209,8 @@ def ties(
     tensor([-4., -2.,  2.])
     """
     _check(deltas, weights, densities)
-    trimmed = torch.stack([magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities, strict=True)])
-    signs = elect_sign(_weighted(trimmed, weights), majority_sign)
-    return disjoint_merge(trimmed, signs, weights)
+    trimmed = [magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities, strict=True)]
+    return disjoint_merge(trimmed, elect_sign(trimmed, majority_sign, weights), weights)
 
 
 def dare_linear(
@@ -240,8 +246,5 @@ def dare_ties(
     tensor([ 2., -2.])
     """
     _check(deltas, weights, densities, generators)
-    dropped = torch.stack(
-        [dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators, strict=True)]
-    )
-    signs = elect_sign(_weighted(dropped, weights), majority_sign)
-    return disjoint_merge(dropped, signs, weights)
+    dropped = [dare(d, p, g, rescale) for d, p, g in zip(deltas, densities, generators, strict=True)]
+    return disjoint_merge(dropped, elect_sign(dropped, majority_sign, weights), weights)

@@ -218,24 +218,20 @@ def _data_loc(loc: tuple[Any, ...], data: Any) -> Loc:
 
 
 def _tagged_member(annotation: Any, item: Any) -> Any:
-    if annotation is None or typing.get_origin(annotation) in (dict, list):
-        return None
-    if isinstance(annotation, type):
+    """The union member that pydantic names ``item`` in an error location (a Tag or a merge method)."""
+    if annotation is None or isinstance(annotation, type) or typing.get_origin(annotation) in (dict, list):
         return None
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Annotated:
         return _tagged_member(args[0], item)
     for arg in args:
-        inner = typing.get_args(arg)
         if typing.get_origin(arg) is typing.Annotated and any(
-            type(m).__name__ == "Tag" and m.tag == item for m in inner[1:]
+            type(m).__name__ == "Tag" and m.tag == item for m in typing.get_args(arg)[1:]
         ):
-            return inner[0]
+            return typing.get_args(arg)[0]
         if isinstance(arg, type) and issubclass(arg, BaseModel) and "method" in arg.model_fields:
             if typing.get_args(arg.model_fields["method"].annotation) == (item,):
                 return arg
-        if typing.get_origin(arg) is typing.Annotated and item == "function-after[_resolve_path(), str]":
-            return inner[0]
     return None
 
 
@@ -271,16 +267,10 @@ def _step(annotation: Any, item: Any) -> Any:
         return args[1]
     if origin is list:
         return args[0]
-    if args:  # a union: find the member named by the tag, or a model with that method
-        for arg in args:
-            inner = typing.get_args(arg)
-            if typing.get_origin(arg) is typing.Annotated and any(
-                type(m).__name__ == "Tag" and m.tag == item for m in inner[1:]
-            ):
-                return inner[0]
-            if isinstance(arg, type) and issubclass(arg, BaseModel) and "method" in arg.model_fields:
-                if typing.get_args(arg.model_fields["method"].annotation) == (item,):
-                    return arg
+    if args:  # a union: the member named by the tag, or else the first member that has the field
+        member = _tagged_member(annotation, item)
+        if member is not None:
+            return member
         for arg in args:
             found = _step(arg, item)
             if found is not None:
