@@ -352,7 +352,7 @@ def test_evaluate_base_sources_and_both_output_kinds(tiny, loaded, shipped, perp
     assert ppl["base"] == pytest.approx(report.score("tiny_perplexity", "perplexity", "base").value)
     for task in report.tasks:
         assert task.samples == 4 and task.file is not None
-    assert report.tasks[-1].num_fewshot == 3  # the task's own default
+    assert {t.name: t.num_fewshot for t in report.tasks}["loracook_sequences"] == 3  # the task's own default
 
     # eval_results.json: stable, documented structure, and a lossless round trip
     path = report.save(tmp_path / "out" / "eval_results.json")
