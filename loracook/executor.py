@@ -264,7 +264,7 @@ def _combine_dense(deltas: list[torch.Tensor], terms, combine, name: str) -> tor
 
 def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) -> torch.Tensor:
     """One source's unweighted ΔW for the whole tensor, after its own DARE pre-processing."""
-    from loracook.ops.random import tensor_generator
+    from loracook.ops.rng import tensor_generator
     from loracook.ops.sparsify import dare
 
     if isinstance(term, BiasTerm):
@@ -290,7 +290,7 @@ def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) ->
 def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, torch.Tensor]:
     """Merged LoRA factors of one module, padded to ``task.rank``."""
     from loracook.ops.factored import frobenius_norm, stack_factors, truncate_factors
-    from loracook.ops.random import tensor_generator
+    from loracook.ops.rng import tensor_generator
     from loracook.ops.sparsify import dare
 
     name_a, name_b = task.names

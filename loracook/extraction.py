@@ -171,7 +171,7 @@ def extract(
     from safetensors.torch import save_file
 
     from loracook.ops.factored import low_rank_dense
-    from loracook.ops.random import tensor_generator
+    from loracook.ops.rng import tensor_generator
 
     spec = job.spec
     report = ExtractReport(job.source)

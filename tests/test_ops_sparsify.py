@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from loracook.ops.random import tensor_generator, tensor_seed
+from loracook.ops.rng import tensor_generator, tensor_seed
 from loracook.ops.sparsify import (
     dare,
     dare_linear,

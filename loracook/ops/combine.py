@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from loracook.ops import sparsify
-from loracook.ops.random import tensor_generator
+from loracook.ops.rng import tensor_generator
 
 
 def combine_dense(

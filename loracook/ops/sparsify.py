@@ -86,7 +86,7 @@ def dare(delta: Tensor, density: float, generator: torch.Generator, rescale: boo
     """DARE: keep each entry independently with probability ``density``, zero the others.
 
     The mask is ``torch.rand(delta.shape, generator=generator) < density`` (one uniform draw per entry, in
-    row-major order), so a generator from :func:`loracook.ops.random.tensor_generator` makes it reproducible.
+    row-major order), so a generator from :func:`loracook.ops.rng.tensor_generator` makes it reproducible.
     With ``rescale`` (the default, as in the paper) kept entries are divided by ``density``, which keeps the
     expected value: E[dare(x)] = x. ``density == 1`` returns a copy and draws nothing.
 
