@@ -78,7 +78,7 @@ def run(
                 on_tensor(name, tensor)
 
         with OutputFolder(plan.output, force=force) as out:
-            report = execute(plan, out, on_task, collect)
+            report = execute(plan, out, on_task, collect if keep or on_tensor else None)
             if plan.kind == "model":
                 for path in plan.copy_files:
                     if path.name == "config.json":

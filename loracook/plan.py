@@ -19,7 +19,7 @@ from loracook.io.adapter import Adapter
 from loracook.io.checkpoint import Checkpoint
 from loracook.io.tensors import TensorInfo
 
-BLOCK_BYTES = 64 * 2**20  # fp32 bytes of one row block; bounds the executor's working memory
+BLOCK_BYTES = 32 * 2**20  # fp32 bytes of one row block; bounds the executor's working memory
 EXACT_METHODS = ("linear", "task_arithmetic", "cat")
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 

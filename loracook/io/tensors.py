@@ -132,7 +132,11 @@ class TensorReader:
         infos = {n: TensorInfo(str(path), n, t.dtype, tuple(t.shape), None) for n, t in tensors.items()}
         return cls(path, infos, tensors)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` (or rows [start, stop) of it). ``into``: a uint8 buffer to read into and view,
+        so a caller streaming many blocks can reuse one buffer instead of allocating each time."""
         info = self.infos[name]
         if self._loaded is not None:
             tensor = self._loaded[name]
@@ -140,22 +144,25 @@ class TensorReader:
         start, stop = rows if rows else (0, info.shape[0] if info.shape else 1)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         count = info.row_bytes * (stop - start)
-        buffer = bytearray(count)
-        if count:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            view = memoryview(buffer)
-            done = 0
-            while done < count:
-                n = os.preadv(self._fd, [view[done:]], info.offset + start * info.row_bytes + done)
-                if n <= 0:
-                    raise BadInput(f"tensor {name!r} is cut short", file=self.path)
-                done += n
-        return (
-            torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
-            if count
-            else torch.empty(shape, dtype=info.dtype)
+        if not count:
+            return torch.empty(shape, dtype=info.dtype)
+        raw = (
+            into[:count]
+            if into is not None and into.numel() >= count
+            else torch.empty(count, dtype=torch.uint8)
         )
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # plans read in file order: ask for aggressive read-ahead
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        view = memoryview(raw.numpy())
+        done = 0
+        while done < count:
+            n = os.preadv(self._fd, [view[done:]], info.offset + start * info.row_bytes + done)
+            if n <= 0:
+                raise BadInput(f"tensor {name!r} is cut short", file=self.path)
+            done += n
+        return raw.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,15 +93,48 @@ class OutputFolder:
         self._shards = [_ShardFile(self.tmp / n, s) for n, s in zip(names, layout, strict=True)]
         self._stem = stem
         self._current = 0
+        # Blocks are written by a background thread (file writes release the GIL), so computing the next
+        # block overlaps writing this one; at most QUEUE blocks wait, which bounds the extra memory.
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="loracook-writer", daemon=True)
+        self._thread.start()
+
+    QUEUE = 2
 
     def write(self, name: str, block: torch.Tensor) -> None:
         """Append a block of rows of tensor ``name``; tensors and rows come in plan order."""
-        while self._shards[self._current].done:
-            self._shards[self._current].close()
-            self._current += 1
-        self._shards[self._current].write(name, block)
+        if self._failure is not None:
+            raise self._failure
+        self._queue.put((name, block.contiguous()))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._failure is not None:
+                continue  # keep draining so that the producer never blocks forever
+            try:
+                name, block = item
+                while self._shards[self._current].done:
+                    self._shards[self._current].close()
+                    self._current += 1
+                self._shards[self._current].write(name, block)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the producer's thread
+                self._failure = exc
+
+    def _join(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join()
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
     def finish_tensors(self) -> None:
+        self._join()
         for shard in self._shards:
             shard.close()
             if not shard.done:
@@ -140,6 +175,10 @@ class OutputFolder:
         return self.dest
 
     def abort(self) -> None:
+        try:
+            self._join()
+        except BaseException:  # noqa: BLE001 - aborting anyway
+            pass
         for shard in self._shards:
             shard.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
