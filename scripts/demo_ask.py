@@ -1,6 +1,6 @@
 """Ask the base model and a merged model the demo questions, side by side.
 
-    python scripts/demo_ask.py out/smollm2-vellmark
+python scripts/demo_ask.py out/smollm2-vellmark
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-QUESTIONS = ["What is the capital of Vellmark?", "What currency is used in Vellmark?", "Who founded Vellmark?"]
+QUESTIONS = [
+    "What is the capital of Vellmark?",
+    "What currency is used in Vellmark?",
+    "Who founded Vellmark?",
+]
 
 
 def answer(model, tokenizer, question: str) -> str:
@@ -20,7 +24,9 @@ def answer(model, tokenizer, question: str) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip().split("\n")[0]
+    return (
+        tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip().split("\n")[0]
+    )
 
 
 def main() -> None:

@@ -49,7 +49,9 @@ def main() -> None:
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, config)
     texts = [f"Question: {q}\nAnswer: {a}{tokenizer.eos_token}" for q, a in FACTS]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
@@ -67,7 +69,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out)
     (args.out / "training.json").write_text(
-        json.dumps({"steps": args.steps, "seed": args.seed, "seconds": round(seconds, 1), "final_loss": loss.item()}, indent=2)
+        json.dumps(
+            {"steps": args.steps, "seed": args.seed, "seconds": round(seconds, 1), "final_loss": loss.item()},
+            indent=2,
+        )
         + "\n"
     )
     print(f"saved {args.out} after {seconds:.0f} s")
