@@ -216,7 +216,10 @@ def _quiet_lm_eval() -> None:
     """lm-eval and datasets print progress bars and info logs of their own; the CLI shows its own progress."""
     import logging
 
+    import warnings
+
     os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations inside lm-eval
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "evaluate"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -264,6 +267,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         apply_chat_template=args.apply_chat_template,
         seed=args.seed,
+        quiet=True,
     )
     console = _console()
     report = evaluate_candidates([candidate], tasks, options, on_event=_eval_printer(console))

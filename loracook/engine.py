@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loracook.card import model_card
@@ -166,6 +166,7 @@ def _evaluate(recipe, plan, tasks, folder: Path, merged: dict | None, extracted,
     else:
         candidates.append(folder_candidate(folder, name=name))
     options = EvalOptions.from_section(recipe.evaluate, device=device, seed=recipe.merge.seed)
+    options = replace(options, quiet=on_eval is not None)  # the caller reports progress
     return evaluate_candidates(candidates, tasks, options, on_event=on_eval)
 
 

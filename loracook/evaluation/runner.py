@@ -37,6 +37,7 @@ class EvalOptions:
     apply_chat_template: bool = False
     seed: int = 0
     bootstrap_iters: int = 1000
+    quiet: bool = False  # hide lm-eval's own per-request progress bars (the CLI reports progress itself)
 
     @classmethod
     def from_section(cls, section: Any, *, device: str | None = None, seed: int | None = None) -> EvalOptions:
@@ -51,7 +52,9 @@ class EvalOptions:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        options = asdict(self)
+        options.pop("quiet")  # presentation, not part of the result
+        return options
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def evaluate_model(
         )
     with _on_device(model, options.device), _keep_ties(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=options.device)
+        if options.quiet:
+            _silence_progress(lm)
         output = simple_evaluate(
             model=lm,
             tasks=tasks.lm_eval_specs(),
@@ -176,3 +181,13 @@ def _keep_ties(model: Any) -> Iterator[None]:
         yield
     finally:
         del model.tie_weights
+
+
+def _silence_progress(lm) -> None:
+    """lm-eval passes ``disable_tqdm=False`` explicitly, so TQDM_DISABLE cannot hide its request bars."""
+    import functools
+
+    for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        bound = getattr(lm, method, None)
+        if bound is not None:
+            setattr(lm, method, functools.partial(bound, disable_tqdm=True))
