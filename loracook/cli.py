@@ -215,7 +215,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _quiet_lm_eval() -> None:
     """lm-eval and datasets print progress bars and info logs of their own; the CLI shows its own progress."""
     import logging
-
     import warnings
 
     os.environ.setdefault("TQDM_DISABLE", "1")
