@@ -201,7 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(
         f"[green]wrote[/green] {result.output} ({_size(plan.bytes_written)}, {len(plan.tasks)} tasks)"
     )
-    if result.report.modules:
+    if any(m.method != "exact" for m in result.report.modules):
         summary = result.report.to_json()
         console.print(
             f"recompression: {len(result.report.modules)} modules, relative Frobenius error "

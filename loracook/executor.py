@@ -9,7 +9,6 @@ is dropped after its task, and each input file's handle is closed after its last
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +18,7 @@ from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.io.writer import OutputFolder, TensorSpec
 from loracook.ops.lora import dora_delta, lora_rows
 from loracook.plan import BiasTerm, FullTerm, LoraTerm, ModuleTask, Plan, TensorTask, Term, term_infos
+from loracook.threads import one_thread
 
 OnTask = Callable[[int, int, str], None]  # done, total, what is being worked on
 OnTensor = Callable[[str, torch.Tensor], None]
@@ -146,21 +146,8 @@ def _tensor(
         if on_tensor:
             on_tensor(task.name, value)
         return
-    with _one_thread():
+    with one_thread():
         _stream(task, readers, out, report, on_tensor, buffers, spans)
-
-
-@contextmanager
-def _one_thread():
-    """Streaming is memory-bound: one intra-op thread leaves the other core to the writer thread, and torch's
-    spinning thread pool otherwise burns several times the CPU when the machine is busy (measured: 12.6 s
-    vs 2.8 s of CPU for the 1.5B benchmark under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _stream(task, readers, out, report, on_tensor, buffers, spans) -> None:

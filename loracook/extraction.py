@@ -22,6 +22,7 @@ from loracook.io.adapter import Adapter, LoraModule
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
 from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.recipe.model import ExtractSpec
+from loracook.threads import one_thread
 
 _EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings)\.weight$")
 _CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
@@ -168,10 +169,6 @@ def extract(
     job: ExtractJob, out: Path, seed: int = 0, on_item: Callable[[int, int, str], None] | None = None
 ) -> ExtractReport:
     """Run the extraction and write a PEFT adapter (plus extract_report.json) into the folder ``out``."""
-    from safetensors.torch import save_file
-
-    from loracook.ops.factored import low_rank_dense
-    from loracook.ops.rng import tensor_generator
 
     spec = job.spec
     report = ExtractReport(job.source)
@@ -187,76 +184,91 @@ def extract(
 
     changed_vectors = []
     try:
-        for step, item in enumerate(job.items):
-            if on_item:
-                on_item(step, len(job.items), item.name)
-            w, w_ft = read(item.base), read(item.tuned)
-            if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
-                _save_full(tensors, saved, item, w_ft, report, change=float("inf"))
-                continue
-            delta = w_ft - w
-            norm = float(torch.linalg.vector_norm(delta))
-            scale = float(torch.linalg.vector_norm(w)) or 1.0
-            change = norm / scale
-            if change <= spec.tolerance:
-                report.modules.append(ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
-                continue
-            if item.role == "vector":
-                changed_vectors.append(item.name)
-                if spec.vectors == "error":
-                    raise BadInput(
-                        f"{item.name} changed in the fine-tune (‖ΔW‖/‖W‖ = {change:.2e}); 1-D tensors cannot be a LoRA",
-                        file=job.tuned_path,
-                        loc=("sources", job.source, "extract"),
-                        fix="set extract.vectors: full (ship it as modules_to_save) or skip",
-                    )
-                if spec.vectors == "skip":
-                    report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
-                else:
-                    _save_full(tensors, saved, item, w_ft, report, change)
-                continue
-            embedding_like = item.role in ("embedding", "lm_head")
-            if embedding_like and spec.embeddings == "skip":
-                report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
-                continue
-            if embedding_like and spec.embeddings == "full":
-                _save_full(tensors, saved, item, w_ft, report, change)
-                continue
-            # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
-            transposed = item.role == "embedding" or job.fan_in_fan_out
-            target = delta.T if transposed else delta
-            low = low_rank_dense(
-                target.contiguous(),
-                min(spec.rank, *target.shape),
-                method=spec.method,
-                energy=spec.energy,
-                generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
-            )
-            del delta, target
-            module = "lm_head" if item.name == "lm_head.weight" else item.module
-            prefix = f"base_model.model.{module}"
-            if item.role == "embedding":
-                tensors[f"{prefix}.lora_embedding_A"] = low.A.contiguous()
-                tensors[f"{prefix}.lora_embedding_B"] = low.B.contiguous()
-            else:
-                tensors[f"{prefix}.lora_A.weight"] = low.A.contiguous()
-                tensors[f"{prefix}.lora_B.weight"] = low.B.contiguous()
-            ranks[module] = low.B.shape[1]
-            kind = "embedding-lora" if item.role == "embedding" else "lora"
-            report.modules.append(
-                ExtractedModule(
-                    item.name,
-                    kind,
-                    low.B.shape[1],
-                    float(low.energy),
-                    float(low.rel_err),
-                    change,
-                    low.method_used,
-                )
-            )
+        with one_thread():
+            _extract_items(job, spec, seed, on_item, read, tensors, ranks, saved, report, changed_vectors)
     finally:
         for reader in readers.values():
             reader.close()
+    _finish(job, out, tensors, ranks, saved, report)
+    return report
+
+
+def _extract_items(job, spec, seed, on_item, read, tensors, ranks, saved, report, changed_vectors) -> None:
+    from loracook.ops.factored import low_rank_dense
+    from loracook.ops.rng import tensor_generator
+
+    for step, item in enumerate(job.items):
+        if on_item:
+            on_item(step, len(job.items), item.name)
+        w, w_ft = read(item.base), read(item.tuned)
+        if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
+            _save_full(tensors, saved, item, w_ft, report, change=float("inf"))
+            continue
+        delta = w_ft - w
+        norm = float(torch.linalg.vector_norm(delta))
+        scale = float(torch.linalg.vector_norm(w)) or 1.0
+        change = norm / scale
+        if change <= spec.tolerance:
+            report.modules.append(ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
+            continue
+        if item.role == "vector":
+            changed_vectors.append(item.name)
+            if spec.vectors == "error":
+                raise BadInput(
+                    f"{item.name} changed in the fine-tune (‖ΔW‖/‖W‖ = {change:.2e}); 1-D tensors cannot be a LoRA",
+                    file=job.tuned_path,
+                    loc=("sources", job.source, "extract"),
+                    fix="set extract.vectors: full (ship it as modules_to_save) or skip",
+                )
+            if spec.vectors == "skip":
+                report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
+            else:
+                _save_full(tensors, saved, item, w_ft, report, change)
+            continue
+        embedding_like = item.role in ("embedding", "lm_head")
+        if embedding_like and spec.embeddings == "skip":
+            report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
+            continue
+        if embedding_like and spec.embeddings == "full":
+            _save_full(tensors, saved, item, w_ft, report, change)
+            continue
+        # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
+        transposed = item.role == "embedding" or job.fan_in_fan_out
+        target = delta.T if transposed else delta
+        low = low_rank_dense(
+            target.contiguous(),
+            min(spec.rank, *target.shape),
+            method=spec.method,
+            energy=spec.energy,
+            generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
+        )
+        del delta, target
+        module = "lm_head" if item.name == "lm_head.weight" else item.module
+        prefix = f"base_model.model.{module}"
+        if item.role == "embedding":
+            tensors[f"{prefix}.lora_embedding_A"] = low.A.contiguous()
+            tensors[f"{prefix}.lora_embedding_B"] = low.B.contiguous()
+        else:
+            tensors[f"{prefix}.lora_A.weight"] = low.A.contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = low.B.contiguous()
+        ranks[module] = low.B.shape[1]
+        kind = "embedding-lora" if item.role == "embedding" else "lora"
+        report.modules.append(
+            ExtractedModule(
+                item.name,
+                kind,
+                low.B.shape[1],
+                float(low.energy),
+                float(low.rel_err),
+                change,
+                low.method_used,
+            )
+        )
+
+
+def _finish(job, out, tensors, ranks, saved, report) -> None:
+    from safetensors.torch import save_file
+
     clash = sorted(m for m in saved if m in ranks)
     if clash:
         raise BadInput(
@@ -276,7 +288,6 @@ def extract(
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(_config(job, ranks, saved), indent=2) + "\n")
     (out / "extract_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    return report
 
 
 def _save_full(
