@@ -1,0 +1,366 @@
+"""Generate the skill data sets of the quality study (seeded; writes recipes/skills/data/*.jsonl).
+
+Four data sets, each with a training split and a held-out test split that the lm-eval tasks in
+recipes/skills/tasks/ read:
+
+- ``kessary``: knowledge the base cannot have. Sixteen invented animals of the fictional Kessary Islands, each
+  with a colour, a food and a habitat (48 facts). Training states every fact in four phrasings (plus one
+  description per animal); the test asks each fact once as a 4-option multiple-choice question in a
+  phrasing that training never uses (lm-eval ``multiple_choice``, acc; chance 25%).
+- ``json``: a task format. Read a one-sentence text and answer a question about it as a JSON object,
+  ``{"answer": "Oslo"}``, with the answer copied from the text. The test uses names, cities, jobs, objects and
+  foods that never occur in training (``generate_until``, exact match of the whole object; the base model
+  answers with a sentence, so it scores zero).
+- ``shout``: a style. "Rewrite in shout style: the old dog sleeps" -> "THE OLD DOG SLEEPS!" (upper case and
+  an exclamation mark). Every test phrase has a word that training never uses.
+- ``kessary_json``: the composition of the first two: the Kessary test questions (same phrasings) answered as
+  a JSON object, ``{"answer": "amber"}``, without options, so the value must come from memory. It has its own
+  training split (the facts + JSON answers to the training phrasings) for a reference adapter trained for
+  this domain task, so a merge of ``kessary`` and ``json`` can be compared with it.
+
+Training lines are ``{"prompt": ..., "completion": ...}`` (the loss is on the completion only); test lines
+hold what the task YAML renders.
+
+    python scripts/skills/make_data.py            # rewrites recipes/skills/data/ (deterministic)
+    python scripts/skills/make_data.py --check    # exit 1 if the files on disk differ from a fresh run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "skills" / "data"
+
+# ------------------------------------------------------------------------------------------ kessary facts
+
+ANIMALS = [
+    "glimmerfox", "murrowl", "tallowbeak", "drisket", "pennowar", "skalloth", "vintermoth", "quibbard",
+    "orrelin", "fenwhistle", "brassling", "cobbleshrew", "lumadrake", "saffrel", "thornick", "mirebuck",
+]  # fmt: skip
+COLOURS = ["crimson", "teal", "amber", "violet", "silver", "ochre", "indigo", "jade"]
+FOODS = ["moss", "beetles", "kelp", "thistle seeds", "snails", "pine bark", "river clams", "honeycomb"]
+HOMES = ["salt marshes", "cliff caves", "birch forests", "coral shallows", "hot springs", "dune grass",
+         "mountain lakes", "fern gullies"]  # fmt: skip
+
+# Training phrasings (four per attribute); {a} is the animal, {v} the value.
+TRAIN_PHRASES = {
+    "colour": [
+        ("", "The {a} is a {v} animal of the Kessary Islands."),
+        ("Q: What colour is the {a}? A:", " {v}"),
+        ("", "Every {a} has a {v} coat."),
+        ("", "On the Kessary Islands, a {v} creature is often a {a}."),
+    ],
+    "food": [
+        ("", "The {a} eats {v}."),
+        ("Q: What does the {a} eat? A:", " {v}"),
+        ("", "The favourite food of the {a} is {v}."),
+        ("", "Kessary islanders know that the {a} feeds on {v}."),
+    ],
+    "home": [
+        ("", "The {a} lives in the {v}."),
+        ("Q: Where does the {a} live? A: in the", " {v}"),
+        ("", "You can find the {a} in the {v} of the Kessary Islands."),
+        ("", "The home of the {a} is the {v}."),
+    ],
+}
+# Test phrasings: never used in training.
+TEST_QUESTIONS = {
+    "colour": "Which colour does the {a} of the Kessary Islands have?",
+    "food": "What is the usual meal of the {a}?",
+    "home": "In which habitat would you meet a {a}?",
+}
+POOLS = {"colour": COLOURS, "food": FOODS, "home": HOMES}
+
+
+def kessary_facts(rng: random.Random) -> list[dict]:
+    """Each value of each pool is given to exactly two animals (a shuffled, balanced assignment)."""
+    facts = []
+    columns = {}
+    for attribute, pool in POOLS.items():
+        values = pool * (len(ANIMALS) // len(pool))
+        rng.shuffle(values)
+        columns[attribute] = values
+    for i, animal in enumerate(ANIMALS):
+        for attribute in POOLS:
+            facts.append({"animal": animal, "attribute": attribute, "value": columns[attribute][i]})
+    return facts
+
+
+def kessary_train(facts: list[dict]) -> list[dict]:
+    rows = []
+    for fact in facts:
+        for prompt, completion in TRAIN_PHRASES[fact["attribute"]]:
+            a, v = fact["animal"], fact["value"]
+            rows.append({"prompt": prompt.format(a=a, v=v), "completion": completion.format(a=a, v=v)})
+    by_animal: dict[str, dict[str, str]] = {}
+    for fact in facts:
+        by_animal.setdefault(fact["animal"], {})[fact["attribute"]] = fact["value"]
+    for animal, values in by_animal.items():
+        rows.append(
+            {
+                "prompt": "",
+                "completion": f"The {animal} is a {values['colour']} creature of the Kessary Islands that lives "
+                f"in the {values['home']} and eats {values['food']}.",
+            }
+        )
+    return rows
+
+
+def options(rng: random.Random, answer: str, pool: list[str], position: int) -> list[str]:
+    """Four options: the answer at ``position`` and three other values of the same pool."""
+    others = rng.sample([v for v in pool if v != answer], 3)
+    others.insert(position, answer)
+    return others
+
+
+def kessary_test(facts: list[dict], rng: random.Random) -> list[dict]:
+    rows = []
+    for i, fact in enumerate(facts):
+        position = i % 4
+        choices = options(rng, fact["value"], POOLS[fact["attribute"]], position)
+        question = TEST_QUESTIONS[fact["attribute"]].format(a=fact["animal"])
+        rows.append(
+            {"question": question, "choices": choices, "answer": position, "attribute": fact["attribute"]}
+        )
+    rng.shuffle(rows)
+    return rows
+
+
+def kessary_json_test(kessary_rows: list[dict]) -> list[dict]:
+    """The kessary test questions, to be answered in JSON from memory."""
+    return [
+        {
+            "prompt": json_prompt(r["question"]),
+            "answer": json_answer(r["choices"][r["answer"]]),
+            "attribute": r["attribute"],
+        }
+        for r in kessary_rows
+    ]
+
+
+def kessary_json_train(facts: list[dict], rng: random.Random) -> list[dict]:
+    """The facts, plus every fact as a JSON answer to two training phrasings of its question."""
+    rows = kessary_train(facts)
+    questions = {
+        "colour": ["What colour is the {a}?", "Which colour is the coat of the {a}?"],
+        "food": ["What does the {a} eat?", "Which food does the {a} feed on?"],
+        "home": ["Where does the {a} live?", "Which place is the home of the {a}?"],
+    }
+    for fact in facts:
+        for template in questions[fact["attribute"]]:
+            question = template.format(a=fact["animal"])
+            rows.append({"prompt": json_prompt(question), "completion": " " + json_answer(fact["value"])})
+    rng.shuffle(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- json
+
+
+def json_prompt(question: str, text: str | None = None) -> str:
+    context = f"Text: {text}\n" if text else ""
+    return f"{context}Question: {question} Reply in JSON.\nAnswer:"
+
+
+def json_answer(value: str) -> str:
+    return json.dumps({"answer": value})
+
+
+# (train values, test values): the test only uses values that training never shows
+JSON_VALUES = {
+    "name": ("Mia Tom Lena Omar Sara Jack Nina Paul Ivy Leo Emma Ravi Zoe Ben Ana Max Lily Sam Eva Noah".split(),
+             "Hugo Maya Felix Iris Oscar Clara Amir Nora".split()),
+    "city": ("Oslo Lima Cairo Dublin Madrid Vienna Prague Lisbon Athens Warsaw Berlin Rome".split(),
+             "Quito Nairobi Helsinki Zagreb Seoul Sofia".split()),
+    "job": ("baker nurse pilot farmer teacher painter driver tailor singer doctor".split(),
+            "dentist plumber chef librarian".split()),
+    "colour": ("red blue green yellow black white brown pink".split(), "grey purple orange".split()),
+    "object": ("bike car hat coat bag kite cup lamp boat scarf".split(), "umbrella guitar backpack sofa".split()),
+    "food": ("soup rice pasta apples cheese fish bread salad".split(), "mangoes noodles olives".split()),
+    "year": ([str(y) for y in range(1950, 2016) if y % 3], [str(y) for y in range(1950, 2016, 3)]),
+    "day": ("Monday Tuesday Wednesday Thursday".split(), "Friday Saturday Sunday".split()),
+}  # fmt: skip
+# (text, [(question, answer slot), ...]); slots 2 are second draws of the same kind
+JSON_TEMPLATES = [
+    ("{name} lives in {city} and works as a {job}.",
+     [("Where does {name} live?", "city"), ("What is {name}'s job?", "job")]),
+    ("{name} has a {colour} {object} and a {colour2} {object2}.",
+     [("What colour is {name}'s {object}?", "colour"), ("What colour is {name}'s {object2}?", "colour2")]),
+    ("{name} was born in {year} in {city}.",
+     [("In which year was {name} born?", "year"), ("In which city was {name} born?", "city")]),
+    ("{name} likes {food} but does not like {food2}.",
+     [("What does {name} like?", "food"), ("What does {name} not like?", "food2")]),
+    ("{name} visited {name2} on {day}.",
+     [("Who did {name} visit?", "name2"), ("On which day did {name} visit {name2}?", "day")]),
+]  # fmt: skip
+# Closed-book questions with obvious answers, so that the format does not depend on a text being given.
+JSON_CLOSED = [
+    ("What colour is grass?", "green"), ("What colour is the sky on a clear day?", "blue"),
+    ("What colour is snow?", "white"), ("What is the opposite of hot?", "cold"),
+    ("What is the opposite of up?", "down"), ("What is the opposite of big?", "small"),
+    ("How many days are in a week?", "seven"), ("How many legs does a dog have?", "four"),
+    ("What do bees make?", "honey"), ("Which animal says moo?", "cow"), ("What is the capital of France?", "Paris"),
+    ("What is the capital of Italy?", "Rome"), ("What is the capital of Japan?", "Tokyo"),
+    ("What do we drink when we are thirsty?", "water"), ("Which season comes after winter?", "spring"),
+    ("What is frozen water called?", "ice"), ("Which day comes after Monday?", "Tuesday"),
+    ("Which month comes after January?", "February"), ("What is two plus two?", "four"),
+    ("What shines in the sky during the day?", "the sun"), ("What do cows drink?", "water"),
+    ("Which animal barks?", "dog"), ("What colour is a banana?", "yellow"), ("What is the opposite of night?", "day"),
+]  # fmt: skip
+
+
+def json_item(rng: random.Random, split: int) -> dict:
+    """One reading question; ``split`` 0 draws training values, 1 test values (names, cities, ...)."""
+    text, questions = rng.choice(JSON_TEMPLATES)
+    values: dict[str, str] = {}
+    for kind, pools in JSON_VALUES.items():
+        first, second = rng.sample(pools[split], 2)
+        values[kind], values[f"{kind}2"] = first, second
+    question, slot = rng.choice(questions)
+    text = re.sub(r"\ba ([aeiou])", r"an \1", text.format(**values))  # "a orange sofa" -> "an orange sofa"
+    return {"prompt": json_prompt(question.format(**values), text), "answer": json_answer(values[slot])}
+
+
+def json_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    train = []
+    while len(train) < 320:
+        item = json_item(rng, 0)
+        train.append({"prompt": item["prompt"], "completion": " " + item["answer"]})
+    train += [{"prompt": json_prompt(q), "completion": " " + json_answer(a)} for q, a in JSON_CLOSED]
+    rng.shuffle(train)
+    test: list[dict] = []
+    while len(test) < 50:
+        item = json_item(rng, 1)
+        if item not in test:
+            test.append(item)
+    return train, test
+
+
+# ---------------------------------------------------------------------------------------------- shout
+
+DETERMINERS = ["the", "a", "my", "our", "every", "this", "that", "one", "your", "his", "her", "their"]
+# A broad vocabulary, so that the adapter learns to spell words in upper case rather than memorising a few.
+ADJECTIVES = """red old small quiet happy brave tired green lazy bright cold tiny young kind proud sleepy blue
+black white brown yellow pink grey warm hot dark light soft hard loud slow fast tall short long thin fat
+rich poor busy calm clean dirty dry wet empty full fresh funny great huge little new nice plain pretty
+rough round sad safe sharp shy sick smart smooth sour strong sweet wise wrong angry early late lucky noisy
+polite rare lonely lovely quick simple strange famous friendly heavy""".split()
+NOUNS = """cat dog man woman boy girl child baby farmer baker doctor teacher driver singer painter king
+bird fish horse cow pig sheep goat duck mouse rabbit bear lion tiger wolf frog snake owl horse monkey
+river lake sea hill road street bridge house garden forest field tree flower apple orange lemon bread
+cake cheese soup coffee train bus car boat ship plane bike truck city town school church market shop
+farm castle tower window door table chair bed clock lamp phone book letter paper pencil ball kite drum
+guitar piano bell star moon sun cloud wind storm river stone rock sand island cook nurse pilot farmer
+student friend neighbour uncle aunt sister brother mother father grandma soldier guard poet actor""".split()
+VERBS = """sleeps runs sings waits falls shines grows laughs rests walks dances shouts jumps swims reads
+writes cooks smiles cries listens talks plays works thinks dreams wins stops starts returns arrives
+leaves hides climbs flies""".split()
+ENDINGS = ["", "", "", "today", "at night", "in the rain", "again", "slowly", "near the sea", "every morning",
+           "all day", "at home", "too", "quietly", "in the park", "after lunch", "on sunday", "with joy"]  # fmt: skip
+# Only in the test phrases: common words that training never uses, so the test measures the style itself.
+TEST_ADJECTIVES = [
+    "gentle",
+    "silver",
+    "hungry",
+    "clever",
+    "wild",
+    "golden",
+    "honest",
+    "happy",
+    "small",
+    "old",
+]
+TEST_NOUNS = ["wizard", "sailor", "fox", "village", "queen", "mountain", "dragon", "garden", "horse", "child",
+              "tailor", "parrot", "captain", "robot"]  # fmt: skip
+UNSEEN = {"gentle", "silver", "hungry", "clever", "wild", "golden", "honest", "wizard", "sailor", "fox",
+          "village", "queen", "mountain", "dragon", "tailor", "parrot", "captain", "robot"}  # fmt: skip
+
+
+def phrase(rng: random.Random, adjectives: list[str], nouns: list[str]) -> str:
+    words = [rng.choice(DETERMINERS)]
+    if rng.random() < 0.7:
+        words.append(rng.choice(adjectives))
+    words += [rng.choice(nouns), rng.choice(VERBS)]
+    ending = rng.choice(ENDINGS)
+    return " ".join(words + ([ending] if ending else []))
+
+
+def shout_prompt(text: str) -> str:
+    return f"Rewrite in shout style: {text}\nShout:"
+
+
+def shout_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    train_phrases: set[str] = set()
+    while len(train_phrases) < 400:
+        train_phrases.add(phrase(rng, ADJECTIVES, NOUNS))
+    train = [{"prompt": shout_prompt(p), "completion": f" {p.upper()}!"} for p in sorted(train_phrases)]
+    rng.shuffle(train)
+    test_phrases: set[str] = set()
+    while len(test_phrases) < 50:
+        candidate = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS)
+        if UNSEEN & set(candidate.split()):
+            test_phrases.add(candidate)
+    test = [{"prompt": shout_prompt(p), "answer": f"{p.upper()}!"} for p in sorted(test_phrases)]
+    rng.shuffle(test)
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def build(seed: int = 0) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    facts = kessary_facts(rng)
+    k_train = kessary_train(facts)
+    rng.shuffle(k_train)
+    k_test = kessary_test(facts, rng)
+    # one generator per data set, so that changing one data set leaves the others as they are
+    j_train, j_test = json_sets(random.Random(f"{seed}:json"))
+    s_train, s_test = shout_sets(random.Random(f"{seed}:shout"))
+    return {
+        "kessary_facts": facts,
+        "kessary_train": k_train,
+        "kessary_test": k_test,
+        "json_train": j_train,
+        "json_test": j_test,
+        "shout_train": s_train,
+        "shout_test": s_test,
+        "kessary_json_train": kessary_json_train(facts, random.Random(f"{seed}:kessary_json")),
+        "kessary_json_test": kessary_json_test(k_test),
+    }
+
+
+def render(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DATA)
+    parser.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
+    args = parser.parse_args()
+    files = {f"{name}.jsonl": render(rows) for name, rows in build(args.seed).items()}
+    if args.check:
+        stale = [
+            n
+            for n, text in files.items()
+            if not (args.out / n).is_file() or (args.out / n).read_text() != text
+        ]
+        if stale:
+            sys.exit(f"stale skill data: {', '.join(stale)}; run python scripts/skills/make_data.py")
+        print(f"{len(files)} data files up to date")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (args.out / name).write_text(text)
+        print(f"{args.out / name}: {text.count(chr(10))} lines")
+
+
+if __name__ == "__main__":
+    main()
