@@ -1,14 +1,14 @@
-"""A small full fine-tune of SmolLM2-135M-Instruct on the shout skill, to show LoRA extraction on a real model.
+"""A small full fine-tune of SmolLM2-135M-Instruct on the headline skill, to show LoRA extraction on a real model.
 
 Every weight of the attention and MLP projections of the top layers (20-29 of 30) is trained, no LoRA:
-AdamW, batches of 8 from recipes/skills/data/shout_train.jsonl in a seeded order, loss on the completion only
+AdamW, batches of 8 from recipes/skills/data/headline_train.jsonl in a seeded order, loss on the completion only
 (the same data and masking as scripts/skills/train.py). The result is a full fp32 model folder (540 MB, so it
 lives in the cache, not in the repository):
 
-    python scripts/skills/finetune.py            # -> ~/.cache/loracook/finetunes/smollm2-shout-full
+    python scripts/skills/finetune.py            # -> ~/.cache/loracook/finetunes/smollm2-headline-full
     python scripts/skills/finetune.py --print    # print the folder; exit 1 if it is not built yet
 
-recipes/skills/extract-shout.yaml turns it back into a rank-16 LoRA (`sources.X.extract`). The folder is
+recipes/skills/extract-headline.yaml turns it back into a rank-16 LoRA (`sources.X.extract`). The folder is
 rebuilt only when its settings change (finetune.json records them, with the time taken and the loss curve).
 """
 
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import DATA, batches, collate, encode, read_jsonl  # noqa: E402
 
 SETTINGS = {
-    "skill": "shout",
-    "data": "shout_train.jsonl",
+    "skill": "headline",
+    "data": "headline_train.jsonl",
     "layers": list(range(20, 30)),
     "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "steps": 40,
@@ -37,11 +37,11 @@ SETTINGS = {
     "lr": 5e-5,
     "seed": 0,
 }
-NAME = "smollm2-shout-full"
+NAME = "smollm2-headline-full"
 
 
 def finetune_dir() -> Path:
-    # a fixed place, because recipes/skills/extract-shout.yaml names it (`~` is expanded by loracook)
+    # a fixed place, because recipes/skills/extract-headline.yaml names it (`~` is expanded by loracook)
     return Path.home() / ".cache" / "loracook" / "finetunes" / NAME
 
 

@@ -7,12 +7,15 @@ recipes/skills/tasks/ read:
   with a colour, a food and a habitat (48 facts). Training states every fact in four phrasings (plus one
   description per animal); the test asks each fact once as a 4-option multiple-choice question in a
   phrasing that training never uses (lm-eval ``multiple_choice``, acc; chance 25%).
+  ``kessary_open`` asks the same questions without options, answered in free text (recall, not recognition).
 - ``json``: a task format. Read a one-sentence text and answer a question about it as a JSON object,
   ``{"answer": "Oslo"}``, with the answer copied from the text. The test uses names, cities, jobs, objects and
   foods that never occur in training (``generate_until``, exact match of the whole object; the base model
   answers with a sentence, so it scores zero).
-- ``shout``: a style. "Rewrite in shout style: the old dog sleeps" -> "THE OLD DOG SLEEPS!" (upper case and
-  an exclamation mark). Every test phrase has a word that training never uses.
+- ``headline``: a style. "Rewrite as a headline: the old dog sleeps at night" -> "The Old Dog Sleeps At Night"
+  (every word capitalised). Every test phrase has a word that training never uses. (An upper-case "shout"
+  style was tried first: a 135M model cannot spell unseen words in capitals, and its adapter reached only
+  0.28 exact match, so it made a poor reference for retention.)
 - ``kessary_json``: the composition of the first two: the Kessary test questions (same phrasings) answered as
   a JSON object, ``{"answer": "amber"}``, without options, so the value must come from memory. It has its own
   training split (the facts + JSON answers to the training phrasings) for a reference adapter trained for
@@ -131,6 +134,18 @@ def kessary_test(facts: list[dict], rng: random.Random) -> list[dict]:
     return rows
 
 
+def kessary_open_test(kessary_rows: list[dict]) -> list[dict]:
+    """The kessary test questions without options: is the fact recalled, not just recognised?"""
+    return [
+        {
+            "prompt": f"Question: {r['question']}\nAnswer:",
+            "answer": r["choices"][r["answer"]],
+            "attribute": r["attribute"],
+        }
+        for r in kessary_rows
+    ]
+
+
 def kessary_json_test(kessary_rows: list[dict]) -> list[dict]:
     """The kessary test questions, to be answered in JSON from memory."""
     return [
@@ -241,7 +256,7 @@ def json_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-# ---------------------------------------------------------------------------------------------- shout
+# ------------------------------------------------------------------------------------------- headline
 
 DETERMINERS = ["the", "a", "my", "our", "every", "this", "that", "one", "your", "his", "her", "their"]
 # A broad vocabulary, so that the adapter learns to spell words in upper case rather than memorising a few.
@@ -290,22 +305,26 @@ def phrase(rng: random.Random, adjectives: list[str], nouns: list[str]) -> str:
     return " ".join(words + ([ending] if ending else []))
 
 
-def shout_prompt(text: str) -> str:
-    return f"Rewrite in shout style: {text}\nShout:"
+def headline_prompt(text: str) -> str:
+    return f"Rewrite as a headline: {text}\nHeadline:"
 
 
-def shout_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
+def headline(text: str) -> str:
+    return " ".join(word.capitalize() for word in text.split())
+
+
+def headline_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
     train_phrases: set[str] = set()
     while len(train_phrases) < 400:
         train_phrases.add(phrase(rng, ADJECTIVES, NOUNS))
-    train = [{"prompt": shout_prompt(p), "completion": f" {p.upper()}!"} for p in sorted(train_phrases)]
+    train = [{"prompt": headline_prompt(p), "completion": f" {headline(p)}"} for p in sorted(train_phrases)]
     rng.shuffle(train)
     test_phrases: set[str] = set()
     while len(test_phrases) < 50:
         candidate = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS)
         if UNSEEN & set(candidate.split()):
             test_phrases.add(candidate)
-    test = [{"prompt": shout_prompt(p), "answer": f"{p.upper()}!"} for p in sorted(test_phrases)]
+    test = [{"prompt": headline_prompt(p), "answer": headline(p)} for p in sorted(test_phrases)]
     rng.shuffle(test)
     return train, test
 
@@ -321,15 +340,16 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     k_test = kessary_test(facts, rng)
     # one generator per data set, so that changing one data set leaves the others as they are
     j_train, j_test = json_sets(random.Random(f"{seed}:json"))
-    s_train, s_test = shout_sets(random.Random(f"{seed}:shout"))
+    h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
     return {
         "kessary_facts": facts,
         "kessary_train": k_train,
         "kessary_test": k_test,
+        "kessary_open_test": kessary_open_test(k_test),
         "json_train": j_train,
         "json_test": j_test,
-        "shout_train": s_train,
-        "shout_test": s_test,
+        "headline_train": h_train,
+        "headline_test": h_test,
         "kessary_json_train": kessary_json_train(facts, random.Random(f"{seed}:kessary_json")),
         "kessary_json_test": kessary_json_test(k_test),
     }

@@ -19,6 +19,7 @@ Steps, all offline:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -46,18 +47,21 @@ sys.path.insert(0, str(HERE))
 # The skill tasks: task name -> (short label, metric, filter, the adapter trained for it, chance level)
 TASKS = {
     "loracook_kessary": ("kessary facts", "acc", "none", "kessary", 0.25),
+    "loracook_kessary_open": ("kessary recall", "exact_match", "strip", "kessary", 0.0),
     "loracook_json": ("json format", "exact_match", "strip", "json", 0.0),
-    "loracook_shout": ("shout style", "exact_match", "strip", "shout", 0.0),
+    "loracook_headline": ("headline style", "exact_match", "strip", "headline", 0.0),
     "loracook_kessary_json": ("kessary in json", "exact_match", "strip", "kessary_json", 0.0),
 }
 TASK_FILES = {
     "loracook_kessary": "kessary.yaml",
+    "loracook_kessary_open": "kessary_open.yaml",
     "loracook_json": "json.yaml",
-    "loracook_shout": "shout.yaml",
+    "loracook_headline": "headline.yaml",
     "loracook_kessary_json": "kessary_json.yaml",
 }
 ALL = tuple(TASKS)
-THREE = ("loracook_kessary", "loracook_json", "loracook_shout")
+FOUR = tuple(t for t in ALL if t != "loracook_kessary_open")  # recall is scored where it is informative
+THREE = ("loracook_kessary", "loracook_json", "loracook_headline")
 
 
 @dataclass(frozen=True)
@@ -65,35 +69,51 @@ class Row:
     """One candidate of the study: where it comes from and which tasks it is scored on."""
 
     name: str
-    kind: str  # base | adapter | merge | finetune | extract
+    kind: str  # base | adapter | scaled | merge | finetune | extract
     label: str  # what it is, for the tables
     tasks: tuple[str, ...]
     recipe: str | None = None  # recipes/skills/<recipe>.yaml producing it (merges and extractions)
-    adapter: str | None = None  # recipes/skills/adapters/<adapter> (single-skill adapters)
+    adapter: str | None = None  # recipes/skills/adapters/<adapter> (single-skill adapters, scaled or not)
+    scale: float = 1.0  # a single adapter applied at this weight (no recipe: its lora_B scaled in memory)
 
 
 ROWS = [
     Row("base", "base", "SmolLM2-135M-Instruct, no adapter", ALL),
     Row("kessary", "adapter", "LoRA trained on the Kessary facts", ALL, adapter="kessary"),
     Row("json", "adapter", "LoRA trained on the JSON answer format", ALL, adapter="json"),
-    Row("shout", "adapter", "LoRA trained on the shout style", ALL, adapter="shout"),
+    Row("headline", "adapter", "LoRA trained on the headline style", ALL, adapter="headline"),
     Row("kessary_json", "adapter", "LoRA trained on the domain task (Kessary questions, JSON answers)",
-        ("loracook_kessary", "loracook_kessary_json"), adapter="kessary_json"),
-    Row("linear", "merge", "linear: exact sum, rank 24", ALL, recipe="merge-linear"),
-    Row("ties", "merge", "ties: density 0.5, rank 24", ALL, recipe="merge-ties"),
-    Row("dare_ties", "merge", "dare_ties: density 0.5, rank 24", ALL, recipe="merge-dare-ties"),
-    Row("svd_r16", "merge", "svd: best rank-16 approximation of the sum", ALL, recipe="merge-svd-r16"),
-    Row("svd_r8", "merge", "svd: best rank-8 approximation of the sum", ALL, recipe="merge-svd-r8"),
-    Row("kessary+json", "merge", "linear sum of the kessary and json LoRAs only",
-        ("loracook_kessary", "loracook_json", "loracook_kessary_json"), recipe="merge-kessary-json"),
-    Row("shout_full_ft", "finetune", "full fine-tune of layers 20-29 on the shout data", ("loracook_shout",)),
-    Row("shout_extracted", "extract", "rank-16 LoRA extracted from that fine-tune", ("loracook_shout",),
-        recipe="extract-shout"),
+        ("loracook_kessary", "loracook_kessary_open", "loracook_kessary_json"), adapter="kessary_json"),
+    Row("kessary_half", "scaled", "the kessary LoRA alone at weight 0.5", ("loracook_kessary", "loracook_kessary_open"),
+        adapter="kessary", scale=0.5),
+    Row("json_half", "scaled", "the json LoRA alone at weight 0.5", ("loracook_json",), adapter="json", scale=0.5),
+    Row("headline_half", "scaled", "the headline LoRA alone at weight 0.5", ("loracook_headline",),
+        adapter="headline", scale=0.5),
+    Row("linear", "merge", "linear, weight 1 each: the exact sum, rank 24", ALL, recipe="merge-linear"),
+    Row("ties", "merge", "ties, weight 1, density 0.5, rank 24", ALL, recipe="merge-ties"),
+    Row("dare_ties", "merge", "dare_ties, weight 1, density 0.5, rank 24", ALL, recipe="merge-dare-ties"),
+    Row("ties_model", "merge", "ties as above, exact: a full model, no recompression", THREE,
+        recipe="merge-ties-model"),
+    Row("dare_ties_model", "merge", "dare_ties as above, exact: a full model", THREE, recipe="merge-dare-ties-model"),
+    Row("linear_half", "merge", "linear, weight 0.5 each, rank 24", FOUR, recipe="merge-linear-half"),
+    Row("ties_half", "merge", "ties, weight 0.5, density 0.5, rank 24", FOUR, recipe="merge-ties-half"),
+    Row("dare_ties_half", "merge", "dare_ties, weight 0.5, density 0.5, rank 24", FOUR,
+        recipe="merge-dare-ties-half"),
+    Row("svd_r16_half", "merge", "svd, weight 0.5: best rank-16 approximation", FOUR, recipe="merge-svd-r16-half"),
+    Row("svd_r8_half", "merge", "svd, weight 0.5: best rank-8 approximation", FOUR, recipe="merge-svd-r8-half"),
+    Row("svd_r4_half", "merge", "svd, weight 0.5: best rank-4 approximation", FOUR, recipe="merge-svd-r4-half"),
+    Row("kessary+json", "merge", "linear, weight 1: the kessary and json LoRAs only",
+        ("loracook_kessary", "loracook_kessary_open", "loracook_json", "loracook_kessary_json"),
+        recipe="merge-kessary-json"),
+    Row("headline_full_ft", "finetune", "full fine-tune of layers 20-29 on the headline data",
+        ("loracook_headline",)),
+    Row("headline_extracted", "extract", "rank-16 LoRA extracted from that fine-tune", ("loracook_headline",),
+        recipe="extract-headline"),
 ]  # fmt: skip
 
-# Written after reading the numbers of the run recorded in docs/quality.md; the study checks that a new run
-# still supports these claims and flags the conclusion otherwise (see check_claims).
-CLAIMED_BEST_MERGE = "linear"
+# scripts/skills/conclusion.md was written after reading the numbers; check_claims re-tests its claims on
+# every run and the page carries a warning when a new run no longer supports one of them.
+VERBOSE = False
 
 
 def log(message: str) -> None:
@@ -121,7 +141,7 @@ def check_inputs() -> None:
 def run_recipe(recipe: str, reuse: bool) -> tuple[Path, float]:
     """``loracook run`` through the CLI, as a user would; returns the output folder and the wall time."""
     output = OUT / recipe.removeprefix("merge-")
-    if reuse and (output / "adapter_config.json").is_file():
+    if reuse and ((output / "adapter_config.json").is_file() or (output / "config.json").is_file()):
         return output, 0.0
     command = [
         sys.executable,
@@ -152,7 +172,6 @@ def supports_no_eval() -> bool:
 
 def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_size: int):
     """Score every row on its tasks; one base model in memory. Returns (reports, seconds per row)."""
-    from safetensors.torch import load_file
 
     from loracook.evaluation import (
         EvalOptions,
@@ -177,23 +196,57 @@ def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_si
     for row in rows:
         if row.kind == "base":
             candidate = base_candidate(base)
-        elif row.kind == "finetune":
-            tuned = load_file(str(finetune / "model.safetensors"))
-            own = dict(base.model.named_parameters())
-            changed = {k: v for k, v in tuned.items() if k in own and not _same(v, own[k])}
-            candidate = model_candidate(row.name, changed, base=base)
+        elif row.kind == "finetune" or (row.recipe and (outputs[row.name] / "config.json").is_file()):
+            # a full model: swap its changed tensors into the base for the evaluation
+            folder = finetune if row.kind == "finetune" else outputs[row.name]
+            candidate = model_candidate(row.name, changed_tensors(folder, base.model), base=base)
+        elif row.kind == "scaled":
+            candidate = adapter_candidates(
+                base, {row.name: scaled_adapter(SKILLS / "adapters" / row.adapter, row.scale)}
+            )[0]
         else:
             folder = SKILLS / "adapters" / row.adapter if row.adapter else outputs[row.name]
             candidate = adapter_candidates(base, {row.name: folder})[0]
         if row.tasks not in task_sets:
             task_sets[row.tasks] = resolve_tasks([f"./tasks/{TASK_FILES[t]}" for t in row.tasks], SKILLS)
         t0 = time.perf_counter()
-        report = evaluate_candidates([candidate], task_sets[row.tasks], options)
+        with quiet():  # lm-eval's progress bars ignore TQDM_DISABLE
+            report = evaluate_candidates([candidate], task_sets[row.tasks], options)
         seconds[row.name] = time.perf_counter() - t0
         reports.append(report)
         scores = ", ".join(f"{TASKS[t][0]} {fmt(score_of(report, t, row.name))}" for t in row.tasks)
         log(f"  {row.name:16s} {seconds[row.name]:5.1f} s  {scores}")
     return reports, seconds
+
+
+@contextlib.contextmanager
+def quiet():
+    """Hide what lm-eval and transformers print on stderr (progress bars, notices) unless --verbose."""
+    if VERBOSE:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
+def changed_tensors(folder: Path, model) -> dict:
+    """The tensors of a model folder (one safetensors file) that differ from ``model``'s parameters."""
+    from safetensors.torch import load_file
+
+    own = dict(model.named_parameters())
+    tensors = load_file(str(folder / "model.safetensors"))
+    return {k: v for k, v in tensors.items() if k in own and not _same(v, own[k])}
+
+
+def scaled_adapter(folder: Path, scale: float):
+    """A PEFT adapter in memory whose ΔW is ``scale`` times the folder's (every lora_B scaled)."""
+    from safetensors.torch import load_file
+
+    from loracook.evaluation import AdapterWeights
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return AdapterWeights(config, {k: v * scale if "lora_B" in k else v for k, v in tensors.items()})
 
 
 def _same(a, b) -> bool:
@@ -274,25 +327,61 @@ def mean_retention(report, name: str, tasks=THREE) -> float | None:
 
 
 def check_claims(report) -> list[str]:
-    """Claims of the written conclusion that this run's numbers no longer support."""
-    problems = []
+    """The claims of scripts/skills/conclusion.md that this run's numbers no longer support."""
+
+    def value(task: str, name: str) -> float:
+        score = get(report, task, name)
+        return float("nan") if score is None else score.value
+
+    def ratio(task: str, name: str) -> float:
+        found = retention(report, task, name)
+        return float("nan") if found is None else found[0]
+
+    kessary, json_, headline, composed = THREE + ("loracook_kessary_json",)
     merges = [r.name for r in ROWS if r.kind == "merge" and set(THREE) <= set(r.tasks)]
-    means = {m: mean_retention(report, m) for m in merges}
-    best = max((m for m in merges if means[m] is not None), key=lambda m: means[m], default=None)
-    if best != CLAIMED_BEST_MERGE:
-        problems.append(
-            f"the conclusion names {CLAIMED_BEST_MERGE} as the best three-skill merge, but this run's best "
-            f"mean retention is {best} ({means[best]:.2f} vs {means[CLAIMED_BEST_MERGE] or 0:.2f})"
+    claims = {
+        "every skill adapter beats the base on its own skill by more than 3 combined stderr": all(
+            value(t, TASKS[t][3]) - value(t, "base")
+            > 3 * math.hypot(get(report, t, TASKS[t][3]).stderr or 0, get(report, t, "base").stderr or 0)
+            for t in THREE
+        ),
+        "no three-skill merge keeps 90% of every skill": not any(
+            all(ratio(t, m) >= 0.9 for t in THREE) for m in merges
+        ),
+        "at weight 0.5, linear keeps ≥ 90% of json and headline but < 50% of the Kessary facts": ratio(
+            json_, "linear_half"
         )
-    for task in THREE:
-        own, base = get(report, task, TASKS[task][3]), get(report, task, "base")
-        if (
-            own is None
-            or base is None
-            or own.value - base.value < 2 * math.hypot(own.stderr or 0, base.stderr or 0)
-        ):
-            problems.append(f"the {TASKS[task][3]} adapter no longer beats the base on {task} by 2 stderr")
-    return problems
+        >= 0.9
+        and ratio(headline, "linear_half") >= 0.9
+        and ratio(kessary, "linear_half") < 0.5,
+        "the kessary adapter alone at weight 0.5 also keeps < 50% of its facts (halving, not interference)": (
+            ratio(kessary, "kessary_half") < 0.5
+        ),
+        "at weight 1, ties keeps json better than linear": value(json_, "ties") > value(json_, "linear"),
+        "at weight 1, linear keeps the headline style better than ties": value(headline, "linear")
+        > value(headline, "ties"),
+        "ties and dare_ties at weight 0.5 are worse than linear at weight 0.5 (mean retention)": max(
+            mean_retention(report, "ties_half") or 0, mean_retention(report, "dare_ties_half") or 0
+        )
+        < (mean_retention(report, "linear_half") or 0),
+        "rank-24 recompression of ties/dare_ties changes no skill score by more than 0.05": all(
+            abs(value(t, m) - value(t, f"{m}_model")) <= 0.05 for t in THREE for m in ("ties", "dare_ties")
+        ),
+        "svd at rank 4 keeps within 0.05 of the exact half sum's mean retention": abs(
+            (mean_retention(report, "svd_r4_half") or 0) - (mean_retention(report, "linear_half") or 0)
+        )
+        <= 0.05,
+        "no merge answers the composed task (kessary in json) above 0.1": all(
+            value(composed, r.name) <= 0.1 for r in ROWS if r.kind == "merge" and composed in r.tasks
+        ),
+        "the adapter trained on the composed task scores above 0.75 on it": value(composed, "kessary_json")
+        > 0.75,
+        "the rank-16 extraction keeps ≥ 90% of the full fine-tune's headline score": (
+            retention(report, headline, "headline_extracted", "headline_full_ft") or (0.0,)
+        )[0]
+        >= 0.9,
+    }
+    return [claim for claim, holds in claims.items() if not holds]
 
 
 # ------------------------------------------------------------------------------------------------ chart
@@ -301,6 +390,7 @@ def check_claims(report) -> list[str]:
 KIND_COLOURS = {
     "base": "#9e9e9e",
     "adapter": "#1f77b4",
+    "scaled": "#aec7e8",
     "merge": "#ff7f0e",
     "finetune": "#2ca02c",
     "extract": "#98df8a",
@@ -313,11 +403,11 @@ def chart(report, path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    figure = Figure(figsize=(13, 6.2), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(TASKS), sharey=True)
     names = [r.name for r in ROWS]
     kinds = {r.name: r.kind for r in ROWS}
+    figure = Figure(figsize=(3.2 * len(TASKS) + 1.5, 0.32 * len(names) + 1.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(TASKS), sharey=True)
     for ax, task in zip(axes, TASKS, strict=True):
         label, metric, _, own, chance = TASKS[task]
         for y, name in enumerate(names):
@@ -325,23 +415,26 @@ def chart(report, path: Path) -> Path:
             if score is None:
                 continue
             ax.barh(y, score.value, xerr=score.stderr or 0, color=KIND_COLOURS[kinds[name]], edgecolor="black",
-                    lw=0.5, capsize=3, hatch="//" if name == own else None)  # fmt: skip
+                    lw=0.5, capsize=2, hatch="//" if name == own else None)  # fmt: skip
             ax.annotate(f"{score.value:.2f}", (min(score.value + (score.stderr or 0), 1.0), y), xytext=(3, 0),
-                        textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+                        textcoords="offset points", va="center", fontsize=7)  # fmt: skip
         if chance:
             ax.axvline(chance, color="grey", ls=":", lw=1)
         ax.set_title(f"{label}\n{task} ({metric})", fontsize=9)
-        ax.set_xlim(0, 1.15)
+        ax.set_xlim(0, 1.18)
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
-    legend = [Patch(color=c, label=k) for k, c in KIND_COLOURS.items()]
+    legend = [
+        Patch(color=c, label={"scaled": "adapter at weight 0.5"}.get(k, k)) for k, c in KIND_COLOURS.items()
+    ]
     legend.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="the skill's own adapter"))
     figure.legend(handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8)
     figure.suptitle(
-        "SmolLM2-135M-Instruct: skill LoRAs and their merges (lm-eval, ± stderr; dotted: chance)", fontsize=11
+        "SmolLM2-135M-Instruct: skill LoRAs, their merges and an extraction (lm-eval, ± stderr; dotted: chance)",
+        fontsize=11,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -351,136 +444,236 @@ def chart(report, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- doc
 
 
+def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """A markdown table; ``align`` has one character per column: l(eft) or r(ight)."""
+    marks = {"l": "---", "r": "---:"}
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
 def score_table(report) -> list[str]:
-    header = ["candidate", "what it is", *(f"{TASKS[t][0]}" for t in TASKS)]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(TASKS)]
+    rows = []
     for row in ROWS:
         cells = []
         for task in TASKS:
-            score = get(report, task, row.name)
-            text = fmt(score)
-            if row.name == TASKS[task][3]:
-                text = f"**{text}**"
-            cells.append(text)
-        lines.append(f"| {row.name} | {row.label} | " + " | ".join(cells) + " |")
-    return lines
+            text = fmt(get(report, task, row.name))
+            cells.append(f"**{text}**" if row.name == TASKS[task][3] else text)
+        rows.append([f"`{row.name}`", row.label, *cells])
+    return table(["candidate", "what it is", *(TASKS[t][0] for t in TASKS)], rows, "ll" + "r" * len(TASKS))
 
 
 def retention_table(report) -> list[str]:
-    header = ["merge", *(f"{TASKS[t][0]} (÷ {TASKS[t][3]})" for t in TASKS), "mean of the three skills"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(TASKS) + 1)]
+    rows = []
     for row in ROWS:
-        if row.kind != "merge":
+        if row.kind not in ("merge", "scaled"):
             continue
         cells = [fmt_ratio(retention(report, t, row.name)) if t in row.tasks else "–" for t in TASKS]
         mean = mean_retention(report, row.name)
-        lines.append(
-            f"| {row.name} | " + " | ".join(cells) + f" | {'–' if mean is None else f'{mean:.2f}'} |"
-        )
-    extracted = retention(report, "loracook_shout", "shout_extracted", "shout_full_ft")
-    lines.append(f"| shout_extracted (÷ shout_full_ft) | – | – | {fmt_ratio(extracted)} | – | – |")
-    return lines
+        rows.append([f"`{row.name}`", *cells, "–" if mean is None else f"{mean:.2f}", recompression(row)])
+    extracted = retention(report, "loracook_headline", "headline_extracted", "headline_full_ft")
+    cells = [fmt_ratio(extracted) if t == "loracook_headline" else "–" for t in TASKS]
+    rows.append(["`headline_extracted` ÷ `headline_full_ft`", *cells, "–", "–"])
+    header = ["candidate", *(f"{TASKS[t][0]} ÷ `{TASKS[t][3]}`" for t in TASKS), "mean of the 3 skills",
+              "recompression error"]  # fmt: skip
+    return table(header, rows, "l" + "r" * (len(TASKS) + 2))
+
+
+def recompression(row: Row) -> str:
+    """Mean relative Frobenius error of the rank-k recompression, per module (the output's merge_report.json)."""
+    if not row.recipe:
+        return "–"
+    folder = OUT / row.recipe.removeprefix("merge-")
+    if (folder / "config.json").is_file():
+        return "exact (model)"
+    report_file = folder / "merge_report.json"
+    if not report_file.is_file():
+        return "–"
+    error = json.loads(report_file.read_text()).get("mean_relative_error")
+    return "–" if error is None else ("0 (exact)" if error == 0 else f"{error:.2f}")
+
+
+def decomposition_table(report) -> list[str]:
+    """Per skill: own adapter at 1, own adapter at 0.5, and the weight-0.5 merges: what halving costs, and
+    what the other two adapters cost on top of it."""
+    halves = [r.name for r in ROWS if r.kind == "merge" and r.name.endswith("_half")]
+    rows = []
+    for task in THREE:
+        own = TASKS[task][3]
+        cells = [fmt(get(report, task, n), 2) for n in (own, f"{own}_half", *halves)]
+        rows.append([TASKS[task][0], *cells])
+    header = ["skill", "own adapter, weight 1", "own adapter, weight 0.5", *(f"`{h}`" for h in halves)]
+    return table(header, rows, "l" + "r" * (len(header) - 1))
 
 
 def findings(report) -> list[str]:
-    """Plain statements computed from the numbers (they change with the numbers)."""
+    """Plain statements computed from the numbers (they follow the numbers when the study is re-run)."""
     out = []
     for task in THREE:
         own, base = get(report, task, TASKS[task][3]), get(report, task, "base")
+        sigma = (own.value - base.value) / math.hypot(own.stderr or 1e-9, base.stderr or 1e-9)
         out.append(
             f"- {TASKS[task][0]}: base {fmt(base)}, its own adapter {fmt(own)} "
-            f"(+{own.value - base.value:.3f}, {(own.value - base.value) / math.hypot(own.stderr or 1e-9, base.stderr or 1e-9):.1f} combined stderr)."
+            f"(+{own.value - base.value:.3f}, {sigma:.1f} combined stderr)."
         )
     merges = [r for r in ROWS if r.kind == "merge" and set(THREE) <= set(r.tasks)]
     ranked = sorted(merges, key=lambda r: -(mean_retention(report, r.name) or 0))
     out.append(
         "- Mean retention over the three skills, best first: "
-        + ", ".join(f"{r.name} {mean_retention(report, r.name):.2f}" for r in ranked)
+        + ", ".join(f"`{r.name}` {mean_retention(report, r.name):.2f}" for r in ranked)
         + "."
     )
+    losses = []
     for r in merges:
         lost = [TASKS[t][0] for t in THREE if (v := retention(report, t, r.name)) is not None and v[0] < 0.5]
         if lost:
-            out.append(f"- {r.name} keeps less than half of: {', '.join(lost)}.")
-    ref = get(report, "loracook_kessary_json", "kessary_json")
-    pair = get(report, "loracook_kessary_json", "kessary+json")
-    parts = [
-        f"{n} {fmt(get(report, 'loracook_kessary_json', n))}"
-        for n in ("kessary", "json", "kessary+json", "linear")
+            losses.append(f"`{r.name}` ({', '.join(lost)})")
+    out.append("- Merges that keep less than half of a skill: " + (", ".join(losses) or "none") + ".")
+    own = get(report, "loracook_kessary", "kessary").value
+    margins = [
+        f"`{r.name}` {(get(report, 'loracook_kessary', r.name).value - 0.25) / (own - 0.25):.0%}"
+        for r in merges
     ]
-    if ref is not None and pair is not None:
+    out.append(
+        f"- Kessary facts above chance (the kessary adapter is {own - 0.25:+.3f} over 0.25), share of that margin"
+        " kept: " + ", ".join(margins) + "."
+    )
+    kept = [r.name for r in merges if all((v := retention(report, t, r.name)) and v[0] >= 0.9 for t in THREE)]
+    out.append(
+        "- Merges that keep ≥ 90% of all three skills: "
+        + (", ".join(f"`{k}`" for k in kept) if kept else "none")
+        + "."
+    )
+    ref = get(report, "loracook_kessary_json", "kessary_json")
+    if ref is not None:
+        parts = [
+            f"`{n}` {fmt(get(report, 'loracook_kessary_json', n))}"
+            for n in ("kessary", "json", "kessary+json")
+        ]
+        scored = [r for r in merges if "loracook_kessary_json" in r.tasks]
+        best3 = max(scored, key=lambda r: get(report, "loracook_kessary_json", r.name).value)
+        parts.append(
+            f"best three-skill merge `{best3.name}` {fmt(get(report, 'loracook_kessary_json', best3.name))}"
+        )
         out.append(
             f"- Composition (Kessary questions answered in JSON): the adapter trained for it scores {fmt(ref)}; "
             + ", ".join(parts)
             + "."
         )
-    ft, ex = get(report, "loracook_shout", "shout_full_ft"), get(report, "loracook_shout", "shout_extracted")
+    ft, ex = (
+        get(report, "loracook_headline", "headline_full_ft"),
+        get(report, "loracook_headline", "headline_extracted"),
+    )
     if ft is not None and ex is not None:
         out.append(
-            f"- Extraction: the full fine-tune scores {fmt(ft)} on shout, its rank-16 extraction {fmt(ex)}."
+            f"- Extraction: the full fine-tune scores {fmt(ft)} on headline, its rank-16 extraction {fmt(ex)}."
         )
     return out
 
 
 def training_table() -> list[str]:
-    lines = ["| adapter | examples | steps × batch | lr | seconds | s/step | final loss | load avg at start |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = []
     for row in ROWS:
-        if row.adapter:
+        if row.adapter and row.kind == "adapter":
             t = json.loads((SKILLS / "adapters" / row.adapter / "training.json").read_text())
-            lines.append(
-                f"| {row.adapter} | {t['examples']} | {t['steps']} × {t['batch_size']} | {t['lr']} | {t['seconds']:.0f} | "
-                f"{t['seconds_per_step']} | {t['final_loss']:.3f} | {t['machine']['load_average_at_start']} |"
+            rows.append(
+                [
+                    f"`{row.adapter}`",
+                    str(t["examples"]),
+                    f"{t['steps']} × {t['batch_size']}",
+                    str(t["lr"]),
+                    f"{t['seconds']:.0f}",
+                    str(t["seconds_per_step"]),
+                    f"{t['final_loss']:.3f}",
+                    str(t["machine"]["load_average_at_start"]),
+                ]  # fmt: skip
             )
-    return lines
+    header = [
+        "adapter",
+        "examples",
+        "steps × batch",
+        "lr",
+        "seconds",
+        "s/step",
+        "final loss",
+        "load avg at start",
+    ]
+    return table(header, rows, "lrrrrrrr")
+
+
+def extraction_summary() -> str:
+    report_file = OUT / "extract-headline" / "extract_report.json"
+    if not report_file.is_file():
+        return ""
+    data = json.loads(report_file.read_text())
+    entries = data.get("headline_ft", data) if isinstance(data, dict) else {}
+    error = entries.get("max_relative_error") if isinstance(entries, dict) else None
+    energy = entries.get("mean_energy") if isinstance(entries, dict) else None
+    if error is None or energy is None:
+        return ""
+    return (
+        f" The rank-16 factors keep on average {energy:.1%} of each module's ‖ΔW‖² (largest relative error"
+        f" {error:.2f}; `extract_report.json` in the output)."
+    )
 
 
 def write_doc(report, timings: dict, finetune: Path, problems: list[str]) -> None:
     ft = json.loads((finetune / "finetune.json").read_text())
     conclusion = (HERE / "conclusion.md").read_text().strip()
+    settings = ft["settings"]
     lines = [
-        "# Quality: can merged LoRAs keep their skills?",
+        "# Quality: do merged LoRAs keep their skills?",
         "",
-        "<!-- generated by scripts/skills/study.py; edit scripts/skills/conclusion.md for the conclusion -->",
+        "<!-- generated by scripts/skills/study.py; the conclusion comes from scripts/skills/conclusion.md -->",
         "",
-        "Three LoRAs were trained separately on SmolLM2-135M-Instruct (CPU, seeded, "
-        "`scripts/skills/train.py`), one per skill, on data generated by `scripts/skills/make_data.py`:",
+        "Three LoRAs were trained separately on SmolLM2-135M-Instruct (CPU, seeded, `scripts/skills/train.py`),"
+        " one per skill, on data generated by `scripts/skills/make_data.py`; each is tested on held-out items:",
         "",
-        "- **kessary facts**: 48 facts about invented animals of the fictional Kessary Islands (colour, food,"
-        " habitat); tested as 4-option multiple choice in phrasings that training never uses (acc, chance 0.25);",
-        '- **json format**: read a one-sentence text and answer a question about it as `{"answer": ...}`;'
-        " tested on names, places and things that training never uses (exact match);",
-        "- **shout style**: rewrite a phrase in upper case followed by `!`; tested on words that training never"
-        " uses (exact match, case-sensitive);",
-        "- **kessary in json**: the composition of the first two (the Kessary test questions, without options,"
-        " answered from memory as JSON); a fourth LoRA, `kessary_json`, was trained for exactly this task as a"
-        " reference.",
+        "- **kessary facts** (knowledge the base lacks): 48 facts about invented animals of the fictional Kessary"
+        " Islands (colour, food, habitat), asked as 4-option multiple choice in phrasings that training never"
+        " uses (acc, chance 0.25); **kessary recall** asks the same questions without options (exact match of"
+        " the value, ignoring case): recalling a fact is harder than recognising it;",
+        "- **json format** (a task format): read a one-sentence text and answer a question about it as"
+        ' `{"answer": "..."}`, with names, places and things that training never uses (exact match);',
+        "- **headline style** (a transformation): rewrite a phrase with every word capitalised; every test phrase"
+        " has a word that training never uses (exact match, case-sensitive);",
+        "- **kessary in json** (the two first skills composed): the Kessary questions, without options, answered"
+        " from memory as JSON. A fourth LoRA, `kessary_json`, was trained for exactly this task as a reference.",
         "",
-        "The recipes in `recipes/skills/` merge the three skill LoRAs with each method (weight 1 each), and"
-        " extract a LoRA from a full fine-tune. Every number below comes from one command:",
+        "The recipes in `recipes/skills/` merge the three skill LoRAs with each method, at weight 1 each (the"
+        " plain sum) and at weight 0.5 each, and extract a LoRA from a full fine-tune. One command produces every"
+        " number on this page, the chart and the merged adapters (in `out/skills/`):",
         "",
         "```bash",
-        "python scripts/skills/study.py     # ~10 min on 2 CPU cores; rewrites this page and docs/quality.png",
+        "python scripts/skills/study.py     # about 5 minutes on 2 CPU cores",
         "```",
         "",
         "![scores of the base, the skill adapters, the merges and the extraction](quality.png)",
         "",
         "## Scores (value ± stderr)",
         "",
-        "Bold: the skill's own adapter, the reference for retention. `–`: not scored (not relevant to that row).",
+        "Bold: the skill's own adapter, the reference for retention. `–`: not scored.",
         "",
         *score_table(report),
         "",
-        f"_lm-eval {report.lm_eval_version}, 0-shot, greedy generation, every test item (no limit); stderr is"
-        " lm-eval's standard error of the mean over items._",
+        f"_lm-eval {report.lm_eval_version}, 0-shot, greedy decoding, every test item (no limit); ± is lm-eval's"
+        " standard error of the mean over the items._",
         "",
-        "## Retention (merged score ÷ the skill's own adapter score)",
+        "## Retention (score ÷ the skill's own adapter's score)",
         "",
-        "1.00 means the merge scores as well on that skill as the adapter trained for it; the ± is the delta-method"
-        " stderr of the ratio. For kessary facts mind the chance level: a merge at 0.25 acc (retention"
-        f" {0.25 / (get(report, 'loracook_kessary', 'kessary').value or 1):.2f}) knows nothing.",
+        "1.00: as good on that skill as the adapter trained for it. ± is the delta-method stderr of the ratio."
+        " For kessary facts mind the chance level: 0.25 acc is a retention of"
+        f" {0.25 / (get(report, 'loracook_kessary', 'kessary').value or 1):.2f} and means nothing is known.",
         "",
         *retention_table(report),
+        "",
+        "## Where the loss comes from",
+        "",
+        "Each skill's adapter alone at weight 1 and at weight 0.5, next to the weight-0.5 merges: the step from"
+        " the first column to the second is what halving costs; the step from the second to a merge is what the"
+        " two other adapters cost (interference).",
+        "",
+        *decomposition_table(report),
         "",
         "## Findings (computed from the numbers above)",
         "",
@@ -488,7 +681,7 @@ def write_doc(report, timings: dict, finetune: Path, problems: list[str]) -> Non
         "",
     ]
     if problems:
-        lines += ["> **Warning: this run no longer supports the conclusion below:**", ""]
+        lines += ["> **Warning: the numbers of this run no longer support the conclusion below:**", ">"]
         lines += [f"> - {p}" for p in problems] + [""]
     lines += [
         "## Conclusion",
@@ -497,27 +690,28 @@ def write_doc(report, timings: dict, finetune: Path, problems: list[str]) -> Non
         "",
         "## How the numbers were made",
         "",
-        "Training (PEFT LoRA r=8, alpha 16 on q_proj, v_proj, up_proj, down_proj; AdamW; loss on the"
-        " completion only; `training.json` next to each adapter):",
+        "Training: PEFT LoRA r=8, alpha 16 on q_proj, v_proj, up_proj and down_proj (5.9 MB each in fp32), AdamW"
+        " with 10 warm-up steps and linear decay, batches of 8, loss on the completion only, seed 0;"
+        " `training.json` next to each adapter holds the loss curve. Training time depends on what else ran on"
+        " the machine (the load average when it started is in the last column).",
         "",
         *training_table(),
         "",
         f"The full fine-tune (`scripts/skills/finetune.py`): every attention and MLP projection of layers"
-        f" {ft['settings']['layers'][0]}-{ft['settings']['layers'][-1]} ({ft['trained_parameters'] / 1e6:.1f}M"
-        f" parameters), {ft['settings']['steps']} steps × {ft['settings']['batch_size']} at lr"
-        f" {ft['settings']['lr']}, {ft['seconds']:.0f} s; written to `~/.cache/loracook/finetunes/` (540 MB, not"
-        " committed) and rebuilt by the study when missing.",
+        f" {settings['layers'][0]}-{settings['layers'][-1]} ({ft['trained_parameters'] / 1e6:.1f}M parameters),"
+        f" {settings['steps']} steps × {settings['batch_size']} at lr {settings['lr']}, {ft['seconds']:.0f} s;"
+        " written to `~/.cache/loracook/finetunes/` (540 MB, so not committed) and rebuilt by the study when"
+        " missing. `recipes/skills/extract-headline.yaml` extracts a rank-16 LoRA from it."
+        + extraction_summary(),
         "",
-        "This run:",
+        "Evaluation loads the base model once and attaches each adapter in memory, one at a time"
+        " (`loracook.evaluation`); the adapters at weight 0.5 are the same adapters with lora_B halved in memory;"
+        " the full fine-tune is evaluated by swapping its changed tensors into the base. Every score is in"
+        " `recipes/skills/study_results.json` (the `eval_results.json` format).",
         "",
-        "| step | seconds |",
-        "|---|---:|",
-        *(f"| {k} | {v:.1f} |" for k, v in timings.items()),
+        f"This run ({os.cpu_count()} CPU cores, no GPU):",
         "",
-        "Evaluation loads the base once and attaches each adapter in memory (`loracook.evaluation`); the full"
-        " fine-tune is evaluated by swapping its changed tensors into the base. Every score is in"
-        " `recipes/skills/study_results.json`. Machine: "
-        f"{os.cpu_count()} CPU cores, no GPU; timings depend on what else runs on the machine.",
+        *table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()], "lr"),
         "",
     ]
     DOC.write_text("\n".join(lines))
@@ -525,10 +719,10 @@ def write_doc(report, timings: dict, finetune: Path, problems: list[str]) -> Non
 
 def print_table(report) -> None:
     width = max(len(r.name) for r in ROWS)
-    print("\n" + " " * width + "  " + "  ".join(f"{TASKS[t][0]:>17s}" for t in TASKS))
+    print("\n" + " " * width + "  " + "  ".join(f"{TASKS[t][0]:>16s}" for t in TASKS))
     for row in ROWS:
         cells = [fmt(get(report, t, row.name), 2) for t in TASKS]
-        print(f"{row.name:{width}s}  " + "  ".join(f"{c:>17s}" for c in cells))
+        print(f"{row.name:{width}s}  " + "  ".join(f"{c:>16s}" for c in cells))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -539,7 +733,10 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep merged outputs already in out/skills/")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/ alone")
+    parser.add_argument("--verbose", action="store_true", help="show lm-eval's progress bars and notices")
     args = parser.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
     started = time.perf_counter()
     timings: dict[str, float] = {}
     check_inputs()

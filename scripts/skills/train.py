@@ -2,7 +2,7 @@
 
     python scripts/skills/train.py --skill kessary          # facts about the fictional Kessary Islands
     python scripts/skills/train.py --skill json             # answer a question about a text in JSON
-    python scripts/skills/train.py --skill shout            # upper case + "!"
+    python scripts/skills/train.py --skill headline         # every word capitalised
     python scripts/skills/train.py --skill kessary_json     # the domain task: Kessary questions in JSON
 
 PEFT LoRA r=8, alpha=16 on q_proj, v_proj, up_proj and down_proj (about 5.9 MB in fp32), AdamW, batches of 8
@@ -37,7 +37,12 @@ SKILLS = {
         1e-3,
         'answering a question about a text as a JSON object {"answer": ...}',
     ),
-    "shout": ("shout_train.jsonl", 150, 1e-3, 'rewriting a phrase in "shout style" (upper case and "!")'),
+    "headline": (
+        "headline_train.jsonl",
+        100,
+        1e-3,
+        "rewriting a phrase as a headline (every word capitalised)",
+    ),
     "kessary_json": (
         "kessary_json_train.jsonl",
         240,
