@@ -23,7 +23,6 @@ setup: $(VENV)/.installed
 # The main job: merge three skill LoRAs (recipes/skills/) into one with linear, ties, dare_ties and svd, extract
 # a LoRA from a full fine-tune, and score every result against the base and the skill adapters with lm-eval.
 demo: setup
-	$(BIN)/loracook plan recipes/skills/merge-ties.yaml
 	$(BIN)/python scripts/skills/study.py --demo
 
 # The full quality study: regenerates docs/quality.md, docs/quality.png and recipes/skills/study_results.json.
