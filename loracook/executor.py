@@ -8,6 +8,7 @@ is dropped after its task, and each input file's handle is closed after its last
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.io.writer import OutputFolder, TensorSpec
 from loracook.ops.lora import dora_delta, lora_rows
 from loracook.plan import BiasTerm, FullTerm, LoraTerm, ModuleTask, Plan, TensorTask, Term, term_infos
-from loracook.threads import one_thread
+from loracook.threads import map_ordered, one_thread
 
 OnTask = Callable[[int, int, str], None]  # done, total, what is being worked on
 OnTensor = Callable[[str, torch.Tensor], None]
@@ -55,12 +56,15 @@ class Readers:
     open: dict[str, TensorReader]
     last_use: dict[str, int]
 
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
     def read(
         self, info: TensorInfo, rows: tuple[int, int] | None = None, into: torch.Tensor | None = None
     ) -> torch.Tensor:
-        reader = self.open.get(info.file)
-        if reader is None:
-            reader = self.open[info.file] = TensorReader.open(info.file)
+        with self.lock:  # adapter tasks read from several threads
+            reader = self.open.get(info.file)
+            if reader is None:
+                reader = self.open[info.file] = TensorReader.open(info.file)
         return reader.read(info.name, rows, into)
 
     def release(self, step: int) -> None:
@@ -89,18 +93,19 @@ def execute(
         biggest = max((_block_bytes(t) for t in plan.tasks if t.streamed), default=0)
         buffers = Buffers(-(-biggest // 8) * 8, OutputFolder.QUEUE)
     try:
-        for step, task in enumerate(plan.tasks):
-            if isinstance(task, ModuleTask):
-                adapter_tensors.update(_module(task, readers, report))
-            elif plan.kind == "adapter":
-                value = _whole(task, readers, report)
-                _check_finite(value, task, readers)
-                adapter_tensors[task.out_name or task.name] = value.to(task.dtype)
-            else:
+        if plan.kind == "adapter":  # small per-module math, side by side on every core
+            results = map_ordered(lambda task: _adapter_task(task, readers), plan.tasks)
+            for step, (task, (tensors, modules)) in enumerate(zip(plan.tasks, results, strict=True)):
+                adapter_tensors.update(tensors)
+                report.modules.extend(modules)
+                if on_task:
+                    on_task(step + 1, len(plan.tasks), _what(task))
+        else:
+            for step, task in enumerate(plan.tasks):
                 _tensor(task, readers, out, report, on_tensor, buffers)
-            readers.release(step)
-            if on_task:
-                on_task(step + 1, len(plan.tasks), task.module if isinstance(task, ModuleTask) else task.name)
+                readers.release(step)
+                if on_task:
+                    on_task(step + 1, len(plan.tasks), _what(task))
     finally:
         readers.close()
     if plan.kind == "model":
@@ -108,6 +113,22 @@ def execute(
     else:
         out.save_tensors("adapter_model.safetensors", adapter_tensors)
     return report
+
+
+def _what(task: TensorTask | ModuleTask) -> str:
+    return task.module if isinstance(task, ModuleTask) else task.name
+
+
+def _adapter_task(
+    task: TensorTask | ModuleTask, readers: Readers
+) -> tuple[dict[str, torch.Tensor], list[ModuleReport]]:
+    """One task of an adapter output: its tensors and report lines (runs on a worker thread)."""
+    report = Report()
+    if isinstance(task, ModuleTask):
+        return _module(task, readers, report), report.modules
+    value = _whole(task, readers, report)
+    _check_finite(value, task, readers)
+    return {task.out_name or task.name: value.to(task.dtype)}, report.modules
 
 
 def _last_use(plan: Plan) -> dict[str, int]:
@@ -268,13 +289,12 @@ def _stream_factors(task: TensorTask, readers: Readers, report: Report) -> list 
     if task.combine.method != "svd" or not task.terms:
         return None
     # ops are imported here so that plain merges do not load the heavier math modules
-    from loracook.ops.factored import frobenius_norm, stack_factors, truncate_factors
+    from loracook.ops.factored import stack_factors, truncate_factors
 
     pairs = [_scaled_factors(t, readers) for t in task.terms]
     b, a = stack_factors(pairs)
     rank = min(task.combine.rank or b.shape[1], b.shape[1])
-    b_k, a_k, err = truncate_factors(b, a, rank)
-    total = float(frobenius_norm(b, a))
+    b_k, a_k, err, total = truncate_factors(b, a, rank)
     report.modules.append(
         ModuleReport(task.name, rank, float(err), float(err) / total if total else 0.0, "factored-svd")
     )
@@ -372,7 +392,7 @@ def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) ->
 
 def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, torch.Tensor]:
     """Merged LoRA factors of one module, padded to ``task.rank``."""
-    from loracook.ops.factored import frobenius_norm, stack_factors, truncate_factors
+    from loracook.ops.factored import stack_factors, truncate_factors
     from loracook.ops.rng import tensor_generator
     from loracook.ops.sparsify import dare
 
@@ -382,8 +402,7 @@ def _module(task: ModuleTask, readers: Readers, report: Report) -> dict[str, tor
         if task.exact:
             report.modules.append(ModuleReport(task.module, b.shape[1], 0.0, 0.0, "exact"))
         else:
-            total = float(frobenius_norm(b, a))
-            b, a, err = truncate_factors(b, a, task.rank)
+            b, a, err, total = truncate_factors(b, a, task.rank)
             report.modules.append(
                 ModuleReport(
                     task.module, task.rank, float(err), float(err) / total if total else 0.0, "factored-svd"

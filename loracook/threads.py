@@ -1,11 +1,17 @@
-"""Thread settings for the hot loops."""
+"""Thread settings for the hot loops, and an ordered parallel map for per-module math."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -23,3 +29,38 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """``fn`` over ``items`` on ``workers`` threads (default: one per core), results in the order of ``items``.
+
+    Each call runs torch on one intra-op thread: many small matrices (a module's QR, SVD or sparsification)
+    are done faster side by side than one after the other on a shared thread pool, and the results do not
+    depend on the number of workers. torch releases the GIL inside its kernels. At most ``2 × workers`` calls
+    are submitted ahead of the consumer, so memory stays bounded by a few modules. On an error the calls not
+    yet started are cancelled and the error is raised.
+    """
+    workers = workers or cores()
+    with one_thread():
+        if workers <= 1:
+            yield from map(fn, items)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="loracook-math")
+        pending: list[Future[R]] = []
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -123,7 +123,7 @@ def test_factored_svd_rank_zero():
 @pytest.mark.parametrize("rank", [0, 1, 3, 6, 50])
 def test_truncate_factors_is_the_dense_best_approximation(rank):
     B, A = randn(40, 6, seed=7), randn(6, 30, seed=8)
-    Bk, Ak, err = truncate_factors(B, A, rank)
+    Bk, Ak, err, _ = truncate_factors(B, A, rank)
     keep = min(rank, 6)
     assert Bk.shape == (40, keep) and Ak.shape == (keep, 30)
     P = dense64(B, A)
@@ -139,7 +139,7 @@ def test_truncate_factors_is_the_dense_best_approximation(rank):
 def test_truncate_factors_is_exact_at_or_above_the_true_rank():
     B, A = rank_deficient(30, 25, 8, 3, seed=9)
     for rank in (3, 8, 100):
-        Bk, Ak, err = truncate_factors(B, A, rank)
+        Bk, Ak, err, _ = truncate_factors(B, A, rank)
         scale = float(torch.linalg.matrix_norm(dense64(B, A)))
         assert err <= 1e-5 * scale
         torch.testing.assert_close(dense64(Bk, Ak), dense64(B, A), rtol=0, atol=1e-5 * scale)
@@ -148,10 +148,10 @@ def test_truncate_factors_is_exact_at_or_above_the_true_rank():
 
 
 def test_truncate_factors_of_zero_and_rank_zero():
-    Bk, Ak, err = truncate_factors(torch.zeros(10, 3), torch.zeros(3, 8), 2)
+    Bk, Ak, err, _ = truncate_factors(torch.zeros(10, 3), torch.zeros(3, 8), 2)
     assert err == 0.0 and Bk.abs().sum() == 0 and Ak.abs().sum() == 0
     B, A = randn(10, 3, seed=1), randn(3, 8, seed=2)
-    Bk, Ak, err = truncate_factors(B, A, 0)
+    Bk, Ak, err, _ = truncate_factors(B, A, 0)
     assert Bk.shape == (10, 0) and Ak.shape == (0, 8)
     assert err == pytest.approx(float(torch.linalg.matrix_norm(dense64(B, A))), rel=1e-5)
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ class TensorReader:
         self.infos = infos
         self._loaded = loaded  # .bin files are loaded whole (there is no safe partial read of a pickle)
         self._fd: int | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path) -> TensorReader:
@@ -151,18 +153,23 @@ class TensorReader:
             if into is not None and into.numel() >= count
             else torch.empty(count, dtype=torch.uint8)
         )
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):  # plans read in file order: ask for aggressive read-ahead
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        fd = self._fd if self._fd is not None else self._open_fd()
         view = memoryview(raw.numpy())
         done = 0
-        while done < count:
-            n = os.preadv(self._fd, [view[done:]], info.offset + start * info.row_bytes + done)
+        while done < count:  # positional reads: several threads may read one file
+            n = os.preadv(fd, [view[done:]], info.offset + start * info.row_bytes + done)
             if n <= 0:
                 raise BadInput(f"tensor {name!r} is cut short", file=self.path)
             done += n
         return raw.view(info.dtype).reshape(shape)
+
+    def _open_fd(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # plans read in file order: ask for aggressive read-ahead
+                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            return self._fd
 
     def close(self) -> None:
         if self._fd is not None:

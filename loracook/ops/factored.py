@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ __all__ = [
     "stack_factors",
     "subspace_similarity",
     "truncate_factors",
+    "Truncated",
 ]
 
 
@@ -94,14 +95,24 @@ def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Qb @ Uc, S, Vch @ Qa.mT
 
 
-def truncate_factors(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
-    """Best rank-``rank`` approximation of B @ A as factors (U√S, √S Vh), and its exact Frobenius error.
+class Truncated(NamedTuple):
+    """A rank-k approximation B @ A of a factored matrix M, with ‖M − B A‖_F and ‖M‖_F."""
+
+    B: Tensor
+    A: Tensor
+    err: float
+    norm: float
+
+
+def truncate_factors(B: Tensor, A: Tensor, rank: int) -> Truncated:
+    """Best rank-``rank`` approximation of B @ A as factors (U√S, √S Vh), its exact Frobenius error and norm.
 
     The result has min(rank, d, k, r) columns; it is exact (err = 0 up to rounding) when ``rank`` is at
-    least the rank of B @ A. err = sqrt(Σ discarded S²) = ‖B A − B_k A_k‖_F (Eckart–Young).
+    least the rank of B @ A. err = sqrt(Σ discarded S²) = ‖B A − B_k A_k‖_F (Eckart–Young), and
+    norm = sqrt(Σ S²) = ‖B A‖_F, from the same small SVD.
 
     >>> B, A = torch.randn(8, 4), torch.randn(4, 6)
-    >>> Bk, Ak, err = truncate_factors(B, A, 2)
+    >>> Bk, Ak, err, norm = truncate_factors(B, A, 2)
     >>> Bk.shape, Ak.shape
     (torch.Size([8, 2]), torch.Size([2, 6]))
     >>> abs(err - float(torch.linalg.norm(B @ A - Bk @ Ak))) < 1e-4 * float(torch.linalg.norm(B @ A))
@@ -109,11 +120,26 @@ def truncate_factors(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, f
     """
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
-    U, S, Vh = factored_svd(B, A)
+    _check_pair(B, A)
+    (d, r), k = B.shape, A.shape[1]
+    if min(d, k, r) == 0:
+        return Truncated(B.new_zeros(d, 0), A.new_zeros(0, k), 0.0, 0.0)
+    # As factored_svd, but the orthonormal factors stay in Householder form (geqrf) and only the kept
+    # singular vectors are mapped back (ormqr): forming Q would cost as much again as the factorization.
+    hb, tau_b = torch.geqrf(B)
+    ha, tau_a = torch.geqrf(A.mT)
+    pb, pa = min(d, r), min(k, r)
+    core = hb[:pb].triu() @ ha[:pa].triu().mT
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
     keep = min(int(rank), S.numel())
+    U = B.new_zeros(d, keep)
+    U[:pb] = Uc[:, :keep]
+    V = A.new_zeros(k, keep)
+    V[:pa] = Vch[:keep].mT
+    U, V = torch.ormqr(hb, tau_b, U), torch.ormqr(ha, tau_a, V)
     root = S[:keep].sqrt()
     err = float(torch.linalg.vector_norm(S[keep:]))
-    return U[:, :keep] * root, root[:, None] * Vh[:keep], err
+    return Truncated(U * root, root[:, None] * V.mT, err, float(torch.linalg.vector_norm(S)))
 
 
 def frobenius_inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
