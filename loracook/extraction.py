@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from loracook.io.adapter import Adapter, LoraModule
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
 from loracook.io.tensors import TensorInfo, TensorReader
 from loracook.recipe.model import ExtractSpec
-from loracook.threads import one_thread
+from loracook.threads import map_ordered
 
 _EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings)\.weight$")
 _CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
@@ -168,24 +169,37 @@ def _role(name: str, info: TensorInfo) -> str | None:
 def extract(
     job: ExtractJob, out: Path, seed: int = 0, on_item: Callable[[int, int, str], None] | None = None
 ) -> ExtractReport:
-    """Run the extraction and write a PEFT adapter (plus extract_report.json) into the folder ``out``."""
+    """Run the extraction and write a PEFT adapter (plus extract_report.json) into the folder ``out``.
 
-    spec = job.spec
+    Items are computed side by side on every core (one torch thread each) and applied in plan order, so the
+    adapter does not depend on the number of cores; a few items are in flight at a time, so memory stays
+    bounded by a few tensors."""
+
     report = ExtractReport(job.source)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     saved: set[str] = set()
     readers: dict[str, TensorReader] = {}
+    lock = threading.Lock()
 
     def read(info: TensorInfo) -> torch.Tensor:
-        if info.file not in readers:
-            readers[info.file] = TensorReader.open(info.file)
-        return readers[info.file].read(info.name).to(torch.float32)
+        with lock:
+            if info.file not in readers:
+                readers[info.file] = TensorReader.open(info.file)
+            reader = readers[info.file]
+        return reader.read(info.name).to(torch.float32)
 
-    changed_vectors = []
     try:
-        with one_thread():
-            _extract_items(job, spec, seed, on_item, read, tensors, ranks, saved, report, changed_vectors)
+        outcomes = map_ordered(lambda item: _extract_item(job, item, seed, read), job.items)
+        for step, (item, outcome) in enumerate(zip(job.items, outcomes, strict=True)):
+            if on_item:
+                on_item(step, len(job.items), item.name)
+            tensors.update(outcome.tensors)
+            report.modules.append(outcome.entry)
+            if outcome.kind in ("lora", "embedding-lora"):
+                ranks[outcome.module] = outcome.entry.rank
+            elif outcome.kind == "full":
+                saved.add(outcome.module)
     finally:
         for reader in readers.values():
             reader.close()
@@ -193,77 +207,83 @@ def extract(
     return report
 
 
-def _extract_items(job, spec, seed, on_item, read, tensors, ranks, saved, report, changed_vectors) -> None:
+@dataclass(frozen=True)
+class _Outcome:
+    """What one item contributes: its tensors (if any) and its report line."""
+
+    module: str
+    entry: ExtractedModule
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+
+def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outcome:
+    """ΔW of one tensor, and what becomes of it (runs on a worker thread)."""
     from loracook.ops.factored import low_rank_dense
     from loracook.ops.rng import tensor_generator
 
-    for step, item in enumerate(job.items):
-        if on_item:
-            on_item(step, len(job.items), item.name)
-        w, w_ft = read(item.base), read(item.tuned)
-        if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
-            _save_full(tensors, saved, item, w_ft, report, change=float("inf"))
-            continue
-        delta = w_ft - w
-        norm = float(torch.linalg.vector_norm(delta))
-        scale = float(torch.linalg.vector_norm(w)) or 1.0
-        change = norm / scale
-        if change <= spec.tolerance:
-            report.modules.append(ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
-            continue
-        if item.role == "vector":
-            changed_vectors.append(item.name)
-            if spec.vectors == "error":
-                raise BadInput(
-                    f"{item.name} changed in the fine-tune (‖ΔW‖/‖W‖ = {change:.2e}); 1-D tensors cannot be a LoRA",
-                    file=job.tuned_path,
-                    loc=("sources", job.source, "extract"),
-                    fix="set extract.vectors: full (ship it as modules_to_save) or skip",
-                )
-            if spec.vectors == "skip":
-                report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
-            else:
-                _save_full(tensors, saved, item, w_ft, report, change)
-            continue
-        embedding_like = item.role in ("embedding", "lm_head")
-        if embedding_like and spec.embeddings == "skip":
-            report.modules.append(ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
-            continue
-        if embedding_like and spec.embeddings == "full":
-            _save_full(tensors, saved, item, w_ft, report, change)
-            continue
-        # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
-        transposed = item.role == "embedding" or job.fan_in_fan_out
-        target = delta.T if transposed else delta
-        low = low_rank_dense(
-            target.contiguous(),
-            min(spec.rank, *target.shape),
-            method=spec.method,
-            energy=spec.energy,
-            generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
-        )
-        del delta, target
-        module = "lm_head" if item.name == "lm_head.weight" else item.module
-        prefix = f"base_model.model.{module}"
-        if item.role == "embedding":
-            tensors[f"{prefix}.lora_embedding_A"] = low.A.contiguous()
-            tensors[f"{prefix}.lora_embedding_B"] = low.B.contiguous()
-        else:
-            tensors[f"{prefix}.lora_A.weight"] = low.A.contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = low.B.contiguous()
-        ranks[module] = low.B.shape[1]
-        kind = "embedding-lora" if item.role == "embedding" else "lora"
-        report.modules.append(
-            ExtractedModule(
-                item.name,
-                kind,
-                low.B.shape[1],
-                float(low.energy),
-                float(low.rel_err),
-                change,
-                low.method_used,
+    spec = job.spec
+    module = "lm_head" if item.name == "lm_head.weight" else item.module
+    w, w_ft = read(item.base), read(item.tuned)
+    if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
+        return _full(item, module, w_ft, change=float("inf"))
+    delta = w_ft - w
+    norm = float(torch.linalg.vector_norm(delta))
+    scale = float(torch.linalg.vector_norm(w)) or 1.0
+    change = norm / scale
+    if change <= spec.tolerance:
+        return _Outcome(module, ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
+    skipped = _Outcome(module, ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
+    if item.role == "vector":
+        if spec.vectors == "error":
+            raise BadInput(
+                f"{item.name} changed in the fine-tune (‖ΔW‖/‖W‖ = {change:.2e}); 1-D tensors cannot be a LoRA",
+                file=job.tuned_path,
+                loc=("sources", job.source, "extract"),
+                fix="set extract.vectors: full (ship it as modules_to_save) or skip",
             )
-        )
+        return skipped if spec.vectors == "skip" else _full(item, module, w_ft, change)
+    embedding_like = item.role in ("embedding", "lm_head")
+    if embedding_like and spec.embeddings == "skip":
+        return skipped
+    if embedding_like and spec.embeddings == "full":
+        return _full(item, module, w_ft, change)
+    # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
+    transposed = item.role == "embedding" or job.fan_in_fan_out
+    target = delta.T if transposed else delta
+    low = low_rank_dense(
+        target.contiguous(),
+        min(spec.rank, *target.shape),
+        method=spec.method,
+        energy=spec.energy,
+        generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
+    )
+    del delta, target
+    prefix = f"base_model.model.{module}"
+    if item.role == "embedding":
+        factors = {
+            f"{prefix}.lora_embedding_A": low.A.contiguous(),
+            f"{prefix}.lora_embedding_B": low.B.contiguous(),
+        }
+    else:
+        factors = {
+            f"{prefix}.lora_A.weight": low.A.contiguous(),
+            f"{prefix}.lora_B.weight": low.B.contiguous(),
+        }
+    kind = "embedding-lora" if item.role == "embedding" else "lora"
+    entry = ExtractedModule(
+        item.name, kind, low.B.shape[1], float(low.energy), float(low.rel_err), change, low.method_used
+    )
+    return _Outcome(module, entry, factors)
+
+
+def _full(item: ExtractItem, module: str, value: torch.Tensor, change: float) -> _Outcome:
+    """The fine-tuned tensor shipped whole (modules_to_save)."""
+    entry = ExtractedModule(item.name, "full", 0, 1.0, 0.0, change)
+    return _Outcome(module, entry, {f"base_model.model.{item.name}": value.contiguous()})
 
 
 def _finish(job, out, tensors, ranks, saved, report) -> None:
@@ -288,15 +308,6 @@ def _finish(job, out, tensors, ranks, saved, report) -> None:
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(_config(job, ranks, saved), indent=2) + "\n")
     (out / "extract_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-
-
-def _save_full(
-    tensors, saved: set[str], item: ExtractItem, value: torch.Tensor, report: ExtractReport, change: float
-):
-    module = "lm_head" if item.name == "lm_head.weight" else item.module
-    tensors[f"base_model.model.{item.name}"] = value.contiguous()
-    saved.add(module)
-    report.modules.append(ExtractedModule(item.name, "full", 0, 1.0, 0.0, change))
 
 
 def _config(job: ExtractJob, ranks: dict[str, int], saved: set[str]) -> dict:
