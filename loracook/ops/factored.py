@@ -280,8 +280,8 @@ def _blocks(M: Tensor, size: int = 4096):
         yield X[:, start : start + size], wide, start
 
 
-def _gram_spectrum(M: Tensor) -> Tensor:
-    """All squared singular values of M, decreasing, from the Gram matrix of its smaller side.
+def _gram(M: Tensor) -> Tensor:
+    """The float64 Gram matrix of M's smaller side (M Mᵀ for a wide M, Mᵀ M for a tall one).
 
     float64 on purpose: in float32 the eigenvalues of the Gram matrix carry errors up to about
     k·sqrt(n)·eps·‖M‖_F² on a sum of k of them, which can hide a 1 % change of a small rank-k error; in
@@ -291,6 +291,11 @@ def _gram_spectrum(M: Tensor) -> Tensor:
     for X, _, _ in _blocks(M):
         X = X.double()
         G = X @ X.mT if G is None else G.addmm_(X, X.mT)
+    return G
+
+
+def _spectrum(G: Tensor) -> Tensor:
+    """All eigenvalues of a Gram matrix (the squared singular values of M), decreasing."""
     # One thread: the tridiagonal reduction inside eigvalsh synchronizes its threads once per column, and on
     # a 2-core machine that other processes keep busy 2-thread eigvalsh of a 576 × 576 matrix took 0.1–16 s
     # against 33–72 ms on one thread (measured; ~15 ms on two idle cores). The thread count is restored.
@@ -397,32 +402,61 @@ def _randomized(
     max_niter: int,
     norm2: float,
 ) -> LowRank:
-    n = M.shape[1]
-    eps = torch.finfo(M.dtype).eps
-    r, allowed = rank, math.inf
-    if tol is not None:
-        spectrum = _gram_spectrum(M)  # σ_i², exact
-        norm2 = float(spectrum.sum())
-        if energy is not None:
-            r = min(rank, _rank_for_energy(spectrum.sqrt(), norm2, energy))
-        opt = math.sqrt(float(spectrum[r:].sum()))
-        allowed = (1 + tol) * opt + 64 * eps * math.sqrt(norm2)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    if tol is not None:
+        return _randomized_checked(M, rank, width, niter, tol, energy, generator, max_niter)
+    n = M.shape[1]
     omega = torch.randn(n, width, generator=generator, dtype=M.dtype).to(M.device)
     Q = torch.linalg.qr(M @ omega).Q
-    last = niter if tol is None else max_niter
-    for j in range(last + 1):
+    for j in range(niter + 1):
         # W = MᵀQ = Z Rz; the SVD of the small width × width factor Rz gives that of QᵀM = Wᵀ.
         Z, Rz = torch.linalg.qr(M.mT @ Q)
-        if j >= niter:
+        if j == niter:
             Uz, S, Vzh = torch.linalg.svd(Rz)
-            if tol is None and energy is not None:
-                r = min(rank, _rank_for_energy(S, norm2, energy))
+            r = rank if energy is None else min(rank, _rank_for_energy(S, norm2, energy))
             B, A = _sqrt_split(Q @ Vzh.mT, S, (Z @ Uz).mT, r)
-            err = _residual_norm(M, B, A)
+            return _result(B, A, S[:rank], _residual_norm(M, B, A), norm2, "randomized", j)
+        Q = torch.linalg.qr(M @ Z).Q
+    raise AssertionError("unreachable")
+
+
+def _randomized_checked(
+    M: Tensor,
+    rank: int,
+    width: int,
+    niter: int,
+    tol: float,
+    energy: float | None,
+    generator: torch.Generator,
+    max_niter: int,
+) -> LowRank:
+    """The randomized path with the exact check. The float64 Gram matrix G of M's smaller side, needed for
+    the exact spectrum, also carries the power iterations: Q ← orth(G Q) costs s²·w instead of the 2·s·t·w
+    of going through M (s × t, s ≤ t), which is most of the iteration cost for wide matrices."""
+    m, n = M.shape
+    wide = m <= n
+    X = M if wide else M.mT  # s × t, s ≤ t
+    G = _gram(M)
+    spectrum = _spectrum(G)  # σ_i², exact
+    norm2 = float(spectrum.sum())
+    r = rank if energy is None else min(rank, _rank_for_energy(spectrum.sqrt(), norm2, energy))
+    opt = math.sqrt(float(spectrum[r:].sum()))
+    allowed = (1 + tol) * opt + 64 * torch.finfo(M.dtype).eps * math.sqrt(norm2)
+    Gx = G.to(M.dtype)
+    omega = torch.randn(X.shape[1], width, generator=generator, dtype=M.dtype).to(M.device)
+    Q = torch.linalg.qr(X @ omega).Q
+    for j in range(max_niter + 1):
+        if j >= niter:
+            Uc, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)
+            Bx, Ax = _sqrt_split(Q @ Uc, S, Vh, r)  # X ≈ Bx @ Ax
+            B, A = (Bx, Ax) if wide else (Ax.mT.contiguous(), Bx.mT.contiguous())
+            # B A = P X with P the orthogonal projector on Q Uc[:, :r], so ‖X − P X‖² = ‖X‖² − Σ_{i≤r} S_i²;
+            # computed directly when that difference would cancel too many digits.
+            kept = float((S[:r].double() ** 2).sum())
+            err = math.sqrt(norm2 - kept) if norm2 - kept > 1e-2 * norm2 else _residual_norm(M, B, A)
             if err <= allowed:
                 return _result(B, A, S[:rank], err, norm2, "randomized", j)
-        if j < last:
-            Q = torch.linalg.qr(M @ Z).Q
-    return _exact(M, rank, energy, norm2, last)
+        if j < max_niter:
+            Q = torch.linalg.qr(Gx @ Q).Q
+    return _exact(M, rank, energy, norm2, max_niter)
