@@ -53,7 +53,10 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int | None = 
         if workers <= 1:
             yield from map(fn, items)
             return
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="loracook-math")
+        # OpenMP keeps its thread count per thread: set it in each worker too, or the first op a worker runs
+        # may use the default count and round differently (seen as 3e-8 differences in the first module).
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="loracook-math", initializer=torch.set_num_threads,
+                                  initargs=(1,))  # fmt: skip
         pending: list[Future[R]] = []
         try:
             for item in items:

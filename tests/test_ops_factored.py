@@ -314,6 +314,38 @@ def test_failed_check_falls_back_to_the_exact_svd():
     assert low.method_used == "randomized" and low.niter > 2
 
 
+@pytest.mark.parametrize("shape", [(192, 480), (480, 192)], ids=["wide", "tall"])
+@pytest.mark.parametrize("r", [32, 7])
+def test_exact_fallback_from_the_gram_matrix_is_the_truncated_svd(shape, r):
+    """The fallback uses the eigenvectors of the Gram matrix it built for the check: B A must be the truncated
+    SVD (a full SVD in float64 is the reference), for wide and tall matrices, at the rank asked for or at a
+    smaller one (what an energy target picks)."""
+    from loracook.ops import factored
+
+    M = flat_plus_cluster(*shape, 32, 1.2, seed=45) + with_spectrum(*shape, [9.0, 6.0, 4.0], seed=46)
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    if r == 32:  # through low_rank_dense: no iteration allowed, so the check fails and the fallback runs
+        low = low_rank_dense(M, 32, niter=0, max_niter=0)
+    else:
+        low = factored._exact_from_gram(M, factored._gram(M), 32, r, float((S**2).sum()), 0)
+    reference = (U[:, :r] * S[:r]) @ Vh[:r]
+    assert low.method_used == "exact" and low.rank == r
+    assert float(torch.linalg.matrix_norm(dense64(low.B, low.A) - reference)) <= 1e-5 * float(S[0])
+    assert low.err == pytest.approx(float(torch.linalg.vector_norm(S[r:])), rel=1e-5)
+    assert torch.allclose(low.S.double(), S[:32], rtol=1e-5)
+
+
+def test_exact_fallback_of_a_rank_deficient_matrix():
+    from loracook.ops import factored
+
+    M = with_spectrum(60, 90, [3.0, 2.0, 1.0], seed=7)  # rank 3, asked for 8: five zero singular values
+    norm2 = float(torch.linalg.matrix_norm(M.double()) ** 2)
+    low = factored._exact_from_gram(M, factored._gram(M), 8, 8, norm2, 0)  # the fallback path itself
+    assert low.B.shape == (60, 8) and low.A.shape == (8, 90)
+    assert torch.isfinite(low.B).all() and torch.isfinite(low.A).all()
+    assert true_error(M, low) <= 64 * EPS * float(torch.linalg.matrix_norm(M.double()))
+
+
 def test_without_check_it_is_plain_randomized_svd():
     M = hard_case("gaussian noise (flat)", 192, 480)
     low = low_rank_dense(M, 32, tol=None, niter=1)

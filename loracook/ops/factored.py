@@ -272,6 +272,30 @@ def _exact(M: Tensor, rank: int, energy: float | None, norm2: float, niter: int)
     return _result(B, A, S[:rank], float(torch.linalg.vector_norm(S[r:])), norm2, "exact", niter)
 
 
+def _exact_from_gram(M: Tensor, G: Tensor, rank: int, r: int, norm2: float, niter: int) -> LowRank:
+    """The exact truncated SVD from the float64 Gram matrix G of M's smaller side: its top-r eigenvectors U
+    give B = U√S and A = S^-½ Uᵀ M (Uᵀ M = S Vᵀ). Several times cheaper than ``torch.linalg.svd`` of M once G
+    is built (576 × 576: eigh 34 ms against 115 ms for the SVD of 576 × 1536), and as accurate for the
+    leading singular vectors, which are all a rank-r approximation keeps."""
+    m, n = M.shape
+    wide = m <= n
+    X = M if wide else M.mT
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _spectrum
+    try:
+        values, vectors = torch.linalg.eigh(G)
+    finally:
+        torch.set_num_threads(threads)
+    values, U = values.flip(0).clamp_min(0.0), vectors.flip(1)[:, :r]
+    S = values.sqrt()
+    root = S[:r].sqrt()
+    inverse = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
+    Bx = (U * root).to(M.dtype)
+    Ax = (inverse[:, None] * (U.mT @ X.double())).to(M.dtype)
+    B, A = (Bx, Ax) if wide else (Ax.mT.contiguous(), Bx.mT.contiguous())
+    return _result(B, A, S[:rank].to(M.dtype), _residual_norm(M, B, A), norm2, "exact", niter)
+
+
 def _blocks(M: Tensor, size: int = 4096):
     """Column blocks of a wide M (row blocks of a tall one), so temporaries stay small for embeddings."""
     wide = M.shape[0] <= M.shape[1]
@@ -459,4 +483,4 @@ def _randomized_checked(
                 return _result(B, A, S[:rank], err, norm2, "randomized", j)
         if j < max_niter:
             Q = torch.linalg.qr(Gx @ Q).Q
-    return _exact(M, rank, energy, norm2, max_niter)
+    return _exact_from_gram(M, G, rank, r, norm2, max_niter)
