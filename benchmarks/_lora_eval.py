@@ -250,8 +250,12 @@ def eval_extract(spec: dict) -> dict:
     errs: dict[str, dict[str, float]] = {n: {} for n in outputs}
     unchanged_2d: list[str] = []
     changed_other: list[str] = []
+    every = int(spec.get("layers_every", 1))  # evaluate every n-th layer only (full SVDs of big modules)
     for name in sorted(base.where):
         if name not in ft.where:
+            continue
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) % every:
             continue
         shape = base.shape(name)
         mod = name[: -len(".weight")] if name.endswith(".weight") else name
