@@ -190,7 +190,7 @@ def extract(
             if info.file not in readers:
                 readers[info.file] = TensorReader.open(info.file)
             reader = readers[info.file]
-        return reader.read(info.name).to(torch.float32)
+        return reader.read(info.name)
 
     try:
         outcomes = map_ordered(lambda item: _extract_item(job, item, seed, read), job.items)
@@ -230,9 +230,12 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outco
 
     spec = job.spec
     module = "lm_head" if item.name == "lm_head.weight" else item.module
-    w, w_ft = read(item.base), read(item.tuned)
+    w, w_ft = read(item.base), read(item.tuned)  # in the stored dtypes
     if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
-        return _full(item, module, w_ft, change=float("inf"))
+        return _full(item, module, w_ft.to(torch.float32), change=float("inf"))
+    if w.dtype == w_ft.dtype and torch.equal(w, w_ft):  # the common case, without fp32 copies
+        return _Outcome(module, ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, 0.0))
+    w, w_ft = w.to(torch.float32), w_ft.to(torch.float32)
     delta = w_ft - w
     norm = float(torch.linalg.vector_norm(delta))
     scale = float(torch.linalg.vector_norm(w)) or 1.0
