@@ -235,11 +235,14 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outco
         return _full(item, module, w_ft.to(torch.float32), change=float("inf"))
     if w.dtype == w_ft.dtype and torch.equal(w, w_ft):  # the common case, without fp32 copies
         return _Outcome(module, ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, 0.0))
-    w, w_ft = w.to(torch.float32), w_ft.to(torch.float32)
-    delta = w_ft - w
-    norm = float(torch.linalg.vector_norm(delta))
-    scale = float(torch.linalg.vector_norm(w)) or 1.0
-    change = norm / scale
+    # ΔW in place in the fp32 copy of w_ft; w_ft stays in its stored dtype for the modules_to_save paths, and
+    # the fp32 base goes before the SVD (two modules are in flight: each fp32 copy is worth saving)
+    base32 = w.to(torch.float32)
+    del w
+    scale = float(torch.linalg.vector_norm(base32)) or 1.0
+    delta = w_ft.to(torch.float32, copy=True).sub_(base32)
+    del base32
+    change = float(torch.linalg.vector_norm(delta)) / scale
     if change <= spec.tolerance:
         return _Outcome(module, ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
     skipped = _Outcome(module, ExtractedModule(item.name, "skipped", 0, 0.0, 1.0, change))
@@ -251,24 +254,25 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outco
                 loc=("sources", job.source, "extract"),
                 fix="set extract.vectors: full (ship it as modules_to_save) or skip",
             )
-        return skipped if spec.vectors == "skip" else _full(item, module, w_ft, change)
+        return skipped if spec.vectors == "skip" else _full(item, module, w_ft.to(torch.float32), change)
     embedding_like = item.role in ("embedding", "lm_head")
     if embedding_like and spec.embeddings == "skip":
         return skipped
     if embedding_like and spec.embeddings == "full":
-        return _full(item, module, w_ft, change)
+        return _full(item, module, w_ft.to(torch.float32), change)
     # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
     transposed = item.role == "embedding" or job.fan_in_fan_out
-    target = delta.T if transposed else delta
+    target = delta.T.contiguous() if transposed else delta
+    del delta, w_ft
     low = low_rank_dense(
-        target.contiguous(),
+        target,
         min(spec.rank, *target.shape),
         method=spec.method,
         energy=spec.energy,
         tol=CHECK_TOLERANCE,
         generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
     )
-    del delta, target
+    del target
     prefix = f"base_model.model.{module}"
     if item.role == "embedding":
         factors = {
