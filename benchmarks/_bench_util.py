@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -243,3 +245,34 @@ def md_table(cols: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def parse_contenders(ap, only: str, choices: list[str]) -> list[str]:
+    """The ``--only`` list, checked against ``choices`` (an argparse error names the unknown ones)."""
+    contenders = [c.strip() for c in only.split(",") if c.strip()]
+    bad = [c for c in contenders if c not in choices]
+    if bad:
+        ap.error(f"unknown contender(s) {bad}; choose from {choices}")
+    return contenders
+
+
+def save_results(
+    kind: str, text: str, results: dict, versions: dict, baseline: dict, json_path, markdown_path
+) -> None:
+    """Print ``text``, write the raw results (with the machine facts) as JSON and, if asked, the markdown."""
+    print("\n" + text + "\n")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    meta = {
+        "when": stamp,
+        "argv": sys.argv,
+        "versions": versions,
+        "machine": machine(),
+        "baseline": baseline,
+        "loadavg_end": os.getloadavg(),
+    }
+    path = json_path or WORK_DIR / f"{kind}-results-{stamp}.json"
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    print(f"[json] {path}")
+    if markdown_path:
+        markdown_path.write_text(text + "\n")
+        print(f"[markdown] {markdown_path}")

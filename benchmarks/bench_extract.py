@@ -22,9 +22,7 @@ Run from the repository root with the project venv active:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -258,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--keep-outputs", action="store_true")
     args = ap.parse_args(argv)
-    contenders = [c.strip() for c in args.only.split(",") if c.strip()]
-    bad = [c for c in contenders if c not in CONTENDERS]
-    if bad:
-        ap.error(f"unknown contender(s) {bad}; choose from {CONTENDERS}")
+    contenders = bu.parse_contenders(ap, args.only, CONTENDERS)
     quiet = not args.no_wait
     works = WORKS if args.work == "all" else [args.work]
     logs = WORK_DIR / "logs"
@@ -325,22 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{bu.gib(baseline.get('peak_rss'))} GiB, RssAnon {bu.gib(baseline.get('peak_anon'))} GiB.\n\n"
         "Targets:\n" + "\n".join(checks)
     )
-    print("\n" + text + "\n")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    meta = {
-        "when": stamp,
-        "argv": sys.argv,
-        "versions": vers,
-        "machine": bu.machine(),
-        "baseline": baseline,
-        "loadavg_end": os.getloadavg(),
-    }
-    jpath = args.json or WORK_DIR / f"extract-results-{stamp}.json"
-    jpath.write_text(json.dumps({"meta": meta, "results": all_results}, indent=1, default=str))
-    print(f"[json] {jpath}")
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-        print(f"[markdown] {args.markdown}")
+    bu.save_results("extract", text, all_results, vers, baseline, args.json, args.markdown)
     return 0
 
 

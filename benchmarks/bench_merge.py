@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _bench_util as bu  # noqa: E402
 import common  # noqa: E402
 from common import WORK_DIR, GiB  # noqa: E402
 
@@ -74,31 +75,8 @@ def prepare_work(name: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_HOME=str(WORK_DIR / "hf-home"),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.update(extra)
-    return env
-
-
 def _bytes_per(dtype: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-
-
-def loracook_exe() -> str:
-    cand = Path(sys.executable).parent / "loracook"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("loracook")
-    if not found:
-        raise FileNotFoundError("loracook console script not found (install the project into this venv)")
-    return found
 
 
 def cmd_loracook(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
@@ -119,7 +97,7 @@ def cmd_loracook(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
         "  dtype: auto\n"
         "  shard_size: 2GB\n"
     )
-    return [loracook_exe(), "run", str(recipe), "--force"], _env(), out, [out]
+    return [bu.loracook_exe(), "run", str(recipe), "--force"], bu.env(), out, [out]
 
 
 def cmd_mergekit(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
@@ -146,7 +124,7 @@ def cmd_mergekit(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
         "--out-shard-size",
         str(shard_params),
     ]
-    return cmd, _env(), out, [out, cache]
+    return cmd, bu.env(), out, [out, cache]
 
 
 def cmd_peft(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
@@ -160,12 +138,12 @@ def cmd_peft(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
         w["info"]["dtype"],
         "2GB",
     ]
-    return cmd, _env(), out, [out]
+    return cmd, bu.env(), out, [out]
 
 
 def cmd_io_floor(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
     out = w["dir"] / "out-io_floor"
-    return [sys.executable, str(BENCH_DIR / "io_floor.py"), str(w["base"]), str(out)], _env(), out, [out]
+    return [sys.executable, str(BENCH_DIR / "io_floor.py"), str(w["base"]), str(out)], bu.env(), out, [out]
 
 
 COMMANDS = {"loracook": cmd_loracook, "mergekit": cmd_mergekit, "peft": cmd_peft, "io_floor": cmd_io_floor}
@@ -177,7 +155,7 @@ def available(contender: str) -> str | None:
         return f"{MERGEKIT_VENV}/bin/mergekit-yaml missing (see benchmarks/README.md)"
     if contender == "loracook":
         try:
-            exe = loracook_exe()
+            exe = bu.loracook_exe()
         except FileNotFoundError as e:
             return str(e)
         r = subprocess.run([exe, "--help"], capture_output=True, text=True)
@@ -191,43 +169,11 @@ def available(contender: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def versions() -> dict:
-    """Versions of the tools compared, and the loracook commit (with a -dirty mark for local edits)."""
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("loracook", "torch", "transformers", "peft", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    py = MERGEKIT_VENV / "bin" / "python"
-    if py.exists():
-        r = subprocess.run(
-            [str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-            capture_output=True,
-            text=True,
-        )
-        out["mergekit"] = r.stdout.strip() or None
-    repo = BENCH_DIR.parent
-    r = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    if r.returncode == 0:
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--", "loracook"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        out["loracook_commit"] = r.stdout.strip() + ("-dirty" if dirty else "")
-    return out
-
-
 def measure_baseline(repeat: int, logs: Path) -> dict:
     runs = []
     for i in range(repeat):
         m = common.run_measured(
-            [sys.executable, "-c", "import torch"], env=_env(), log_path=logs / f"baseline-{i}.log"
+            [sys.executable, "-c", "import torch"], env=bu.env(), log_path=logs / f"baseline-{i}.log"
         )
         if not m.ok:
             raise RuntimeError("python -c 'import torch' failed:\n" + m.log)
@@ -481,7 +427,7 @@ def verify(w: dict, contenders: list[str]) -> None:
         return
     subprocess.run(
         [sys.executable, "-c", VERIFY_CODE, str(w["base"]), str(w["adapter"]), json.dumps(outs)],
-        env=_env(),
+        env=bu.env(),
         check=False,
     )
 
@@ -519,10 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    contenders = [c.strip() for c in args.only.split(",") if c.strip()]
-    bad = [c for c in contenders if c not in CONTENDERS]
-    if bad:
-        ap.error(f"unknown contender(s) {bad}; choose from {CONTENDERS}")
+    contenders = bu.parse_contenders(ap, args.only, CONTENDERS)
     works = WORKS if args.work == "all" else [args.work]
 
     skip = {}
@@ -550,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    vers = versions()
+    vers = bu.versions()
     print("[versions] " + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
     busy = common.busy_cores(1.0)
     if busy > 0.3:
