@@ -8,14 +8,13 @@ is dropped after its task, and each input file's handle is closed after its last
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from loracook.errors import BadInput
-from loracook.io.tensors import TensorInfo, TensorReader
+from loracook.io.tensors import Readers
 from loracook.io.writer import OutputFolder, TensorSpec
 from loracook.ops.lora import dora_delta, lora_rows
 from loracook.plan import BiasTerm, FullTerm, LoraTerm, ModuleTask, Plan, TensorTask, Term, term_infos
@@ -47,33 +46,6 @@ class Report:
             "max_relative_error": max(errors, default=0.0),
             "mean_relative_error": sum(errors) / len(errors) if errors else 0.0,
         }
-
-
-@dataclass
-class Readers:
-    """Open file handles by path; each is closed after the last task that reads its file."""
-
-    open: dict[str, TensorReader]
-    last_use: dict[str, int]
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def read(
-        self, info: TensorInfo, rows: tuple[int, int] | None = None, into: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        with self.lock:  # adapter tasks read from several threads
-            reader = self.open.get(info.file)
-            if reader is None:
-                reader = self.open[info.file] = TensorReader.open(info.file)
-        return reader.read(info.name, rows, into)
-
-    def release(self, step: int) -> None:
-        for file in [f for f, last in self.last_use.items() if last == step and f in self.open]:
-            self.open.pop(file).close()
-
-    def close(self) -> None:
-        for reader in self.open.values():
-            reader.close()
 
 
 def execute(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +20,15 @@ import torch
 from loracook.errors import BadInput
 from loracook.io.adapter import Adapter, LoraModule
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
-from loracook.io.tensors import TensorInfo, TensorReader
+from loracook.io.tensors import Readers, TensorInfo
 from loracook.recipe.model import ExtractSpec
 from loracook.threads import map_ordered
 
 _EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings)\.weight$")
-_CONV1D_MODELS = {"gpt2"}
+_CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
 # The randomized SVD's factors are accepted within 0.5% of the optimal rank-k error (exact check), so an
 # extraction stays within 1% of a full SVD's (mergekit's) error even after rounding to the output dtype.
-CHECK_TOLERANCE = 0.005  # stored (in, out): PEFT's fan_in_fan_out
+CHECK_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -182,18 +181,9 @@ def extract(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     saved: set[str] = set()
-    readers: dict[str, TensorReader] = {}
-    lock = threading.Lock()
-
-    def read(info: TensorInfo) -> torch.Tensor:
-        with lock:
-            if info.file not in readers:
-                readers[info.file] = TensorReader.open(info.file)
-            reader = readers[info.file]
-        return reader.read(info.name)
-
+    readers = Readers()
     try:
-        outcomes = map_ordered(lambda item: _extract_item(job, item, seed, read), job.items)
+        outcomes = map_ordered(lambda item: _extract_item(job, item, seed, readers.read), job.items)
         for step, (item, outcome) in enumerate(zip(job.items, outcomes, strict=True)):
             if on_item:
                 on_item(step, len(job.items), item.name)
@@ -204,8 +194,7 @@ def extract(
             elif outcome.kind == "full":
                 saved.add(outcome.module)
     finally:
-        for reader in readers.values():
-            reader.close()
+        readers.close()
     _finish(job, out, tensors, ranks, saved, report)
     return report
 

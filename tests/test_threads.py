@@ -42,9 +42,19 @@ def test_an_error_is_raised_and_later_calls_are_not_all_run():
     assert len(started) < 1000
 
 
-def _outputs_with_cores(monkeypatch, n: int, run) -> dict[str, torch.Tensor]:
-    monkeypatch.setattr(threads, "cores", lambda: n)
-    return run(n)
+def assert_same_output_on_1_and_2_cores(recipe: dict, tmp_path, capfd, monkeypatch) -> None:
+    """Run ``recipe`` (its output path replaced) with 1 and with 2 cores; every written tensor must be equal."""
+    outputs = []
+    for n in (1, 2):
+        monkeypatch.setattr(threads, "cores", lambda n=n: n)
+        out = tmp_path / f"out{n}"
+        path = write_recipe(tmp_path / f"r{n}", {**recipe, "output": {**recipe["output"], "path": str(out)}})
+        assert run_cli(["run", path], capfd).code == 0
+        outputs.append(read_tensors(out))
+    one, two = outputs
+    assert one.keys() == two.keys()
+    differ = {k: float((one[k] - two[k]).abs().max()) for k in one if not torch.equal(one[k], two[k])}
+    assert not differ, differ
 
 
 @pytest.mark.parametrize(
@@ -57,29 +67,12 @@ def _outputs_with_cores(monkeypatch, n: int, run) -> dict[str, torch.Tensor]:
     ids=lambda m: m["method"],
 )
 def test_adapter_merges_do_not_depend_on_the_number_of_cores(zoo, tmp_path, capfd, monkeypatch, merge):
-    def run(n: int) -> dict[str, torch.Tensor]:
-        out = tmp_path / f"out{n}"
-        recipe = write_recipe(tmp_path / f"r{n}", adapter_recipe(zoo, {"x": "a", "y": "b"}, merge, out))
-        assert run_cli(["run", recipe], capfd).code == 0
-        return read_tensors(out)
-
-    one, two = (_outputs_with_cores(monkeypatch, n, run) for n in (1, 2))
-    assert one.keys() == two.keys()
-    differ = {k: float((one[k] - two[k]).abs().max()) for k in one if not torch.equal(one[k], two[k])}
-    assert not differ, differ
+    recipe = adapter_recipe(zoo, {"x": "a", "y": "b"}, merge, tmp_path / "out")
+    assert_same_output_on_1_and_2_cores(recipe, tmp_path, capfd, monkeypatch)
 
 
 def test_extraction_does_not_depend_on_the_number_of_cores(zoo, tmp_path, capfd, monkeypatch):
     tuned = make_finetune(zoo.models["llama"], tmp_path / "tuned", seed=1, noise=0.01)
-
-    def run(n: int) -> dict[str, torch.Tensor]:
-        out = tmp_path / f"out{n}"
-        sources = {"x": {"extract": {"model": str(tuned), "rank": 4}}}
-        recipe = write_recipe(tmp_path / f"r{n}", extract_recipe(zoo.models["llama"], sources, out))
-        assert run_cli(["run", recipe], capfd).code == 0
-        return read_tensors(out)
-
-    one, two = (_outputs_with_cores(monkeypatch, n, run) for n in (1, 2))
-    assert one.keys() == two.keys()
-    differ = {k: float((one[k] - two[k]).abs().max()) for k in one if not torch.equal(one[k], two[k])}
-    assert not differ, differ
+    sources = {"x": {"extract": {"model": str(tuned), "rank": 4}}}
+    recipe = extract_recipe(zoo.models["llama"], sources, tmp_path / "out")
+    assert_same_output_on_1_and_2_cores(recipe, tmp_path, capfd, monkeypatch)

@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -208,3 +208,30 @@ def _first_sentence(text: str) -> str:
             return line.split(" was not an allowed global")[0]
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first[:200]
+
+
+@dataclass
+class Readers:
+    """Open file handles by path, shared by threads; with ``last_use`` (path -> last step that reads it), each
+    is closed by :meth:`release` after that step, else by :meth:`close` at the end."""
+
+    open: dict[str, TensorReader] = field(default_factory=dict)
+    last_use: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(
+        self, info: TensorInfo, rows: tuple[int, int] | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        with self.lock:
+            reader = self.open.get(info.file)
+            if reader is None:
+                reader = self.open[info.file] = TensorReader.open(info.file)
+        return reader.read(info.name, rows, into)
+
+    def release(self, step: int) -> None:
+        for file in [f for f, last in self.last_use.items() if last == step and f in self.open]:
+            self.open.pop(file).close()
+
+    def close(self) -> None:
+        for reader in self.open.values():
+            reader.close()

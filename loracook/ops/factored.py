@@ -18,6 +18,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from loracook.threads import one_thread
+
 __all__ = [
     "LowRank",
     "cosine_similarity",
@@ -280,12 +282,8 @@ def _exact_from_gram(M: Tensor, G: Tensor, rank: int, r: int, norm2: float, nite
     m, n = M.shape
     wide = m <= n
     X = M if wide else M.mT
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _spectrum
-    try:
+    with one_thread():  # see _spectrum
         values, vectors = torch.linalg.eigh(G)
-    finally:
-        torch.set_num_threads(threads)
     values, U = values.flip(0).clamp_min(0.0), vectors.flip(1)[:, :r]
     S = values.sqrt()
     root = S[:r].sqrt()
@@ -323,12 +321,8 @@ def _spectrum(G: Tensor) -> Tensor:
     # One thread: the tridiagonal reduction inside eigvalsh synchronizes its threads once per column, and on
     # a 2-core machine that other processes keep busy 2-thread eigvalsh of a 576 × 576 matrix took 0.1–16 s
     # against 33–72 ms on one thread (measured; ~15 ms on two idle cores). The thread count is restored.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return torch.linalg.eigvalsh(G).flip(0).clamp_min(0.0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _residual_norm(M: Tensor, B: Tensor, A: Tensor) -> float:
