@@ -165,7 +165,7 @@ def run_recipe(recipe: str, reuse: bool) -> tuple[Path, float]:
         "--output",
         str(output),
     ]
-    command += ["--force", "--quiet"] + (["--no-eval"] if supports_no_eval() else [])
+    command += ["--force", "--quiet", "--no-eval"]  # the study evaluates everything itself, in one process
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -174,17 +174,11 @@ def run_recipe(recipe: str, reuse: bool) -> tuple[Path, float]:
     return output, seconds
 
 
-def supports_no_eval() -> bool:
-    """Whether ``loracook run`` has --no-eval (the study evaluates everything itself, in one process)."""
-    done = subprocess.run([sys.executable, "-m", "loracook", "run", "--help"], capture_output=True, text=True)
-    return "--no-eval" in done.stdout
-
-
 # -------------------------------------------------------------------------------------------- evaluate
 
 
 def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_size: int):
-    """Score every row on its tasks; one base model in memory. Returns (reports, seconds per row)."""
+    """Score every row on its tasks, one lm-eval report per row; one base model in memory."""
 
     from loracook.evaluation import (
         EvalOptions,
@@ -205,7 +199,6 @@ def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_si
     task_sets = {}
     options = EvalOptions(batch_size=batch_size)
     reports = []
-    seconds: dict[str, float] = {}
     for row in rows:
         if row.kind == "base":
             candidate = base_candidate(base)
@@ -225,11 +218,11 @@ def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_si
         t0 = time.perf_counter()
         with quiet():  # lm-eval's progress bars ignore TQDM_DISABLE
             report = evaluate_candidates([candidate], task_sets[row.tasks], options)
-        seconds[row.name] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         reports.append(report)
         scores = ", ".join(f"{TASKS[t][0]} {fmt(score_of(report, t, row.name))}" for t in row.tasks)
-        log(f"  {row.name:16s} {seconds[row.name]:5.1f} s  {scores}")
-    return reports, seconds
+        log(f"  {row.name:16s} {seconds:5.1f} s  {scores}")
+    return reports
 
 
 @contextlib.contextmanager
@@ -805,7 +798,7 @@ def main() -> None:
             log(f"loracook run {row.recipe}.yaml -> {outputs[row.name].relative_to(ROOT)} ({seconds:.1f} s)")
     log(f"evaluating {len(rows)} candidates…")
     t0 = time.perf_counter()
-    reports, _ = evaluate(rows, outputs, finetune, args.batch_size)
+    reports = evaluate(rows, outputs, finetune, args.batch_size)
     timings["evaluation (all rows)"] = time.perf_counter() - t0
     report = combine(reports)
     timings["total"] = time.perf_counter() - started
