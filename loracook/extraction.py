@@ -26,8 +26,9 @@ from loracook.threads import map_ordered
 
 _EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings)\.weight$")
 _CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
-# The randomized SVD's factors are accepted within 0.5% of the optimal rank-k error (exact check), so an
-# extraction stays within 1% of a full SVD's (mergekit's) error even after rounding to the output dtype.
+# The randomized SVD's factors are accepted within 0.5% of the optimal rank-k error (check: exact), or once
+# the block Krylov iteration gains less than 0.5% per step (check: estimate), so an extraction stays within 1%
+# of a full SVD's (mergekit's) error even after rounding to the output dtype.
 CHECK_TOLERANCE = 0.005
 
 
@@ -259,6 +260,7 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outco
         method=spec.method,
         energy=spec.energy,
         tol=CHECK_TOLERANCE,
+        check=spec.check,
         generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
     )
     del target

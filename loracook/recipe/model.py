@@ -120,6 +120,12 @@ class ExtractSpec(Strict):
     method: Literal["randomized", "exact"] = Field(
         "randomized", description="randomized SVD with an error check (falls back to exact), or a full SVD"
     )
+    check: Literal["estimate", "exact"] = Field(
+        "estimate",
+        description="how a randomized SVD is accepted: when its block Krylov iteration has converged to 0.5 %"
+        " (estimate, fast), or against the optimal error from the exact spectrum (exact: a guarantee, several"
+        " times slower on large matrices)",
+    )
     embeddings: Literal["lora", "full", "skip"] = Field(
         "lora",
         description="changed embeddings/lm_head: an embedding LoRA at `rank`, modules_to_save, or dropped",
