@@ -84,11 +84,13 @@ def svd_truncate(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     return (u[:, :k] * s[:k] @ vh[:k]).float(), float(torch.sqrt((s[k:] ** 2).sum()))
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact"])
-def test_extracted_error_is_within_one_percent_of_optimal(zoo, tuned, tmp_path, capfd, method):
+@pytest.mark.parametrize(
+    "method, check", [("randomized", "estimate"), ("randomized", "exact"), ("exact", "estimate")]
+)
+def test_extracted_error_is_within_one_percent_of_optimal(zoo, tuned, tmp_path, capfd, method, check):
     base = zoo.models["llama"]
     out = tmp_path / "out"
-    spec = {"extract": {"model": str(tuned["noisy"]), "rank": 4, "method": method}}
+    spec = {"extract": {"model": str(tuned["noisy"]), "rank": 4, "method": method, "check": check}}
     result = run_cli(["run", write_recipe(tmp_path, extract_recipe(base, {"ft": spec}, out))], capfd)
     assert result.code == 0, result
     base_t, ft_t = read_tensors(base), read_tensors(tuned["noisy"])
