@@ -486,23 +486,24 @@ def _randomized_estimated(
     H = (XtZ.mT @ XtZ).double()  # Zᵀ G Z: its eigenvalues are the squared Ritz singular values
     last, r, before = Z.shape[1], rank, None  # before: (columns, r, error) one depth earlier
     for depth in range(max_niter + 1):
+        ritz = _ritz(H)
         if energy is not None:
-            r = min(rank, _rank_for_energy(_ritz_values(H).sqrt(), norm2, energy))
-        err = _space_error(X, Z, XtZ, H, r, norm2)
+            r = min(rank, _rank_for_energy(ritz.values.sqrt(), norm2, energy))
+        err = _space_error(X, Z, XtZ, ritz, r, norm2)
         converged = err <= rounding
         if before is not None and not converged:
             p, r_before, err_before = before
             if r_before != r:
-                err_before = _space_error(X, Z[:, :p], XtZ[:, :p], H[:p, :p], r, norm2)
+                err_before = _space_error(X, Z[:, :p], XtZ[:, :p], _ritz(H[:p, :p]), r, norm2)
             converged = err_before <= (1 + tol) * err + rounding
         if converged and depth >= niter:
-            return _ritz_result(M, Z, XtZ, H, rank, r, norm2, depth)
+            return _ritz_result(M, Z, XtZ, ritz, rank, r, norm2, depth)
         before = (Z.shape[1], r, err)
         if depth == max_niter or Z.shape[1] + width > 3 * s // 4:  # the exact SVD is cheaper from here
             break
         new = _new_directions(X @ XtZ[:, -last:], Z)
         if new.shape[1] == 0:  # span(Z) is invariant under G: its Ritz pairs are exact
-            return _ritz_result(M, Z, XtZ, H, rank, r, norm2, depth)
+            return _ritz_result(M, Z, XtZ, ritz, rank, r, norm2, depth)
         XtN = X.mT @ new
         cross, corner = (XtZ.mT @ XtN).double(), (XtN.mT @ XtN).double()  # H grows by one block row/column
         H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.mT, corner], 1)], 0)
@@ -523,7 +524,7 @@ def _new_directions(Y: Tensor, Z: Tensor) -> Tensor:
     rounding noise (which would break the orthonormality of [Z, new])."""
     Q, R = torch.linalg.qr(_project_out(Y, Z))
     Q = Q[:, R.diagonal().abs() > 1e-5 * float(torch.linalg.vector_norm(Y, dim=0).max())]
-    return torch.linalg.qr(_project_out(Q, Z)).Q if Q.shape[1] else Q
+    return torch.linalg.qr(Q - Z @ (Z.mT @ Q)).Q if Q.shape[1] else Q  # one more pass: Q is orthonormal
 
 
 # Below this share of ‖X‖², ‖X‖² − Σ S_i² is computed from the factors instead: the float32 singular values
@@ -531,28 +532,33 @@ def _new_directions(Y: Tensor, Z: Tensor) -> Tensor:
 _CANCELLATION = 1e-3
 
 
-def _ritz_values(H: Tensor) -> Tensor:
-    """The eigenvalues of H = Zᵀ G Z, decreasing: the squared singular values of Zᵀ X."""
-    return torch.linalg.eigvalsh(H).flip(0).clamp_min(0.0)
+class _Ritz(NamedTuple):
+    """The eigenpairs of H = Zᵀ G Z, decreasing: the squared singular values of Zᵀ X and their vectors."""
+
+    values: Tensor
+    vectors: Tensor
 
 
-def _space_error(X: Tensor, Z: Tensor, XtZ: Tensor, H: Tensor, r: int, norm2: float) -> float:
+def _ritz(H: Tensor) -> _Ritz:
+    values, vectors = torch.linalg.eigh(H)
+    return _Ritz(values.flip(0).clamp_min(0.0), vectors.flip(1))
+
+
+def _space_error(X: Tensor, Z: Tensor, XtZ: Tensor, ritz: _Ritz, r: int, norm2: float) -> float:
     """‖X − P X‖_F for P the projector on the top-r Ritz vectors of span(Z) (orthonormal Z, XtZ = Xᵀ Z,
     H = Zᵀ G Z): sqrt(‖X‖² − Σ_{i≤r} S_i²), or from the factors themselves when that difference would cancel
     too many digits."""
-    kept = float(_ritz_values(H)[:r].sum())
+    kept = float(ritz.values[:r].sum())
     if norm2 - kept > _CANCELLATION * norm2:
         return math.sqrt(norm2 - kept)
-    return _residual_norm(X, *_ritz_factors(Z, XtZ, H, r)[:2])
+    return _residual_norm(X, *_ritz_factors(Z, XtZ, ritz, r)[:2])
 
 
-def _ritz_factors(Z: Tensor, XtZ: Tensor, H: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def _ritz_factors(Z: Tensor, XtZ: Tensor, ritz: _Ritz, r: int) -> tuple[Tensor, Tensor, Tensor]:
     """Bx (s × r), Ax (r × t) with Bx Ax = P X, P the projector on the top-r Ritz vectors Z V_r, and the Ritz
     singular values S. From the eigenvectors V of H = Zᵀ G Z: Zᵀ X = V S Whᵀ, so Bx = Z V_r √S_r and
     Ax = S_r^-½ V_rᵀ Zᵀ X; whatever the rounding of S, Bx Ax = Z V_r V_rᵀ Zᵀ X is the projection."""
-    values, vectors = torch.linalg.eigh(H)
-    values, V = values.flip(0).clamp_min(0.0), vectors.flip(1)[:, :r]
-    S = values.sqrt()
+    S, V = ritz.values.sqrt(), ritz.vectors[:, :r]
     root = S[:r].sqrt()
     inverse = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
     Vx = V.to(Z.dtype)
@@ -562,9 +568,9 @@ def _ritz_factors(Z: Tensor, XtZ: Tensor, H: Tensor, r: int) -> tuple[Tensor, Te
 
 
 def _ritz_result(
-    M: Tensor, Z: Tensor, XtZ: Tensor, H: Tensor, rank: int, r: int, norm2: float, depth: int
+    M: Tensor, Z: Tensor, XtZ: Tensor, ritz: _Ritz, rank: int, r: int, norm2: float, depth: int
 ) -> LowRank:
-    Bx, Ax, S = _ritz_factors(Z, XtZ, H, r)
+    Bx, Ax, S = _ritz_factors(Z, XtZ, ritz, r)
     B, A = (Bx, Ax) if M.shape[0] <= M.shape[1] else (Ax.mT.contiguous(), Bx.mT.contiguous())
     kept = float((S[:r].double() ** 2).sum())
     err = math.sqrt(norm2 - kept) if norm2 - kept > _CANCELLATION * norm2 else _residual_norm(M, B, A)
