@@ -12,6 +12,12 @@ Contenders, each its own child process, whole process timed (start-up included):
              adapter (dtype float32 for smollm2, bfloat16 for synthetic — the dtype mergekit writes there)
   mergekit   `mergekit-extract-lora --model FT --base-model BASE --out-path OUT --max-rank 64` (its defaults)
 
+Variants, only with --only (what the time is made of):
+  loracook-exact   the same recipe with `check: exact` (the optimal error from the float64 Gram spectrum)
+  floor-nosvd      loracook with no SVD at all (start-up, reading, ΔW, writing): the floor of any extraction
+  floor-plain1     loracook with plain subspace iteration, 1 power iteration, no check (_extract_variant.py)
+  floor-plain2     the same with 2 power iterations
+
 After the timed runs, _lora_eval.py compares each written adapter with the true ΔW = W_ft − W_base per module
 (float64) and with the optimal rank-64 error from a full SVD of ΔW (cached in .work/extract-optimal.json).
 
@@ -36,6 +42,7 @@ from common import WORK_DIR  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 CONTENDERS = ["loracook", "mergekit"]
+VARIANTS = ["loracook-exact", "floor-nosvd", "floor-plain1", "floor-plain2"]
 WORKS = ["smollm2", "synthetic"]
 RANK = 64
 SPEED_TARGET = {"smollm2": 5.0, "synthetic": 10.0}
@@ -93,21 +100,26 @@ def prepare(name: str, quiet: bool) -> dict:
 
 def command(w: dict, contender: str) -> tuple[list[str], Path, list[Path]]:
     out = w["dir"] / f"out-{contender}"
-    if contender == "loracook":
-        recipe = w["dir"] / "recipe.yaml"
+    if contender != "mergekit":
+        check = "exact" if contender == "loracook-exact" else "estimate"
+        recipe = w["dir"] / f"recipe-{contender}.yaml"
         recipe.write_text(
             "loracook: 1\n"
             f"name: bench-extract-{w['name']}\n"
             f"base: {w['base']}\n"
             "sources:\n"
             "  ft:\n"
-            f"    extract: {{model: {w['ft']}, rank: {RANK}}}\n"
+            f"    extract: {{model: {w['ft']}, rank: {RANK}, check: {check}}}\n"
             "output:\n"
             "  kind: adapter\n"
             f"  path: {out}\n"
             f"  dtype: {w['dtype']}\n"
         )
-        return [bu.loracook_exe(), "run", str(recipe), "--force"], out, [out]
+        args = ["run", str(recipe), "--force"]
+        if contender.startswith("floor-"):
+            variant = str(BENCH_DIR / "_extract_variant.py")
+            return [sys.executable, variant, contender.removeprefix("floor-"), *args], out, [out]
+        return [bu.loracook_exe(), *args], out, [out]
     exe = bu.MERGEKIT_VENV / "bin" / "mergekit-extract-lora"
     cache = w["dir"] / "mergekit-cache"
     cmd = [
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--keep-outputs", action="store_true")
     args = ap.parse_args(argv)
-    contenders = bu.parse_contenders(ap, args.only, CONTENDERS)
+    contenders = bu.parse_contenders(ap, args.only, CONTENDERS + VARIANTS)
     quiet = not args.no_wait
     works = WORKS if args.work == "all" else [args.work]
     logs = WORK_DIR / "logs"
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             summ[c] = s
         ev = None
         if not args.no_eval:
-            outs = {c: command(w, c)[1] for c in contenders if summ[c].get("ok")}
+            outs = {c: command(w, c)[1] for c in contenders if summ[c].get("ok") and c != "floor-nosvd"}
             if outs:
                 ev = evaluate(w, outs)
         md.append(table(w, summ, ev))
