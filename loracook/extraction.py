@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,9 +184,9 @@ def extract(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     saved: set[str] = set()
-    readers = Readers()
+    readers, scratch = Readers(), _Scratch()
     try:
-        outcomes = map_ordered(lambda item: _extract_item(job, item, seed, readers.read), job.items)
+        outcomes = map_ordered(lambda item: _extract_item(job, item, seed, readers.read, scratch), job.items)
         for step, (item, outcome) in enumerate(zip(job.items, outcomes, strict=True)):
             if on_item:
                 on_item(step, len(job.items), item.name)
@@ -214,25 +215,59 @@ class _Outcome:
         return self.entry.kind
 
 
-def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outcome:
-    """ΔW of one tensor, and what becomes of it (runs on a worker thread)."""
+class _Scratch(threading.local):
+    """Buffers of one worker thread, reused from tensor to tensor: the raw bytes of both tensors, the fp32
+    base and ΔW. A fresh 30–130 MB tensor per module costs a page fault per 4 KiB page on its first touch
+    (measured on the 1.5B model, a pass without the SVDs: 10.7 s of system time against 3.4 s of user
+    time). Tensors above ``LIMIT`` elements (embeddings) get fresh memory, so the buffers stay at the size of
+    the largest linear layer."""
+
+    LIMIT = 1 << 24  # elements: 64 MiB in fp32, 2048 × 8192
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        numel = 1
+        for size in shape:
+            numel *= size
+        if numel > self.LIMIT:
+            return None
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self.buffers[key] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+    def raw(self, key: str, info: TensorInfo) -> torch.Tensor | None:
+        """A uint8 buffer for ``TensorReader.read(into=...)``."""
+        elements = info.nbytes // max(info.dtype.itemsize, 1)
+        return self.get(key, (info.nbytes,), torch.uint8) if elements <= self.LIMIT else None
+
+
+def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read, scratch: _Scratch) -> _Outcome:
+    """ΔW of one tensor, and what becomes of it (runs on a worker thread). Everything that leaves this
+    function is a copy: ``w``, ``w_ft``, the fp32 base and ΔW live in the worker's scratch buffers."""
     from loracook.ops.factored import low_rank_dense
     from loracook.ops.rng import tensor_generator
 
     spec = job.spec
     module = "lm_head" if item.name == "lm_head.weight" else item.module
-    w, w_ft = read(item.base), read(item.tuned)  # in the stored dtypes
+    # in the stored dtypes
+    w, w_ft = (
+        read(item.base, into=scratch.raw("w", item.base)),
+        read(item.tuned, into=scratch.raw("ft", item.tuned)),
+    )
     if w.shape != w_ft.shape:  # vocabulary resized: only the whole tensor can carry it
-        return _full(item, module, w_ft.to(torch.float32), change=float("inf"))
+        return _full(item, module, w_ft, change=float("inf"))
     if w.dtype == w_ft.dtype and torch.equal(w, w_ft):  # the common case, without fp32 copies
         return _Outcome(module, ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, 0.0))
-    # ΔW in place in the fp32 copy of w_ft; w_ft stays in its stored dtype for the modules_to_save paths, and
-    # the fp32 base goes before the SVD (two modules are in flight: each fp32 copy is worth saving)
-    base32 = w.to(torch.float32)
-    del w
+    shape = tuple(w.shape)
+    base32 = _fp32(w, scratch.get("base", shape, torch.float32))
     scale = float(torch.linalg.vector_norm(base32)) or 1.0
-    delta = w_ft.to(torch.float32, copy=True).sub_(base32)
-    del base32
+    delta = scratch.get("delta", shape, torch.float32)
+    delta = w_ft.to(torch.float32, copy=True) if delta is None else delta.copy_(w_ft)
+    delta.sub_(base32)
+    del base32, w
     change = float(torch.linalg.vector_norm(delta)) / scale
     if change <= spec.tolerance:
         return _Outcome(module, ExtractedModule(item.name, "unchanged", 0, 1.0, 0.0, change))
@@ -245,12 +280,12 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outco
                 loc=("sources", job.source, "extract"),
                 fix="set extract.vectors: full (ship it as modules_to_save) or skip",
             )
-        return skipped if spec.vectors == "skip" else _full(item, module, w_ft.to(torch.float32), change)
+        return skipped if spec.vectors == "skip" else _full(item, module, w_ft, change)
     embedding_like = item.role in ("embedding", "lm_head")
     if embedding_like and spec.embeddings == "skip":
         return skipped
     if embedding_like and spec.embeddings == "full":
-        return _full(item, module, w_ft.to(torch.float32), change)
+        return _full(item, module, w_ft, change)
     # Factor space: PEFT computes ΔW = B @ A (out × in); transposed storage for Conv1D and embeddings.
     transposed = item.role == "embedding" or job.fan_in_fan_out
     target = delta.T.contiguous() if transposed else delta
@@ -283,10 +318,14 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read) -> _Outco
     return _Outcome(module, entry, factors)
 
 
+def _fp32(tensor: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    return tensor.to(torch.float32, copy=True) if buffer is None else buffer.copy_(tensor)
+
+
 def _full(item: ExtractItem, module: str, value: torch.Tensor, change: float) -> _Outcome:
-    """The fine-tuned tensor shipped whole (modules_to_save)."""
+    """The fine-tuned tensor shipped whole (modules_to_save), as an fp32 copy (``value`` may be scratch)."""
     entry = ExtractedModule(item.name, "full", 0, 1.0, 0.0, change)
-    return _Outcome(module, entry, {f"base_model.model.{item.name}": value.contiguous()})
+    return _Outcome(module, entry, {f"base_model.model.{item.name}": value.to(torch.float32, copy=True)})
 
 
 def _finish(job, out, tensors, ranks, saved, report) -> None:
