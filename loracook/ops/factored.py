@@ -238,7 +238,8 @@ class LowRank:
     B (m × r) = U√S and A (r × n) = √S Vh; S holds the top singular values as computed (at most the
     requested rank; B @ A uses the first r). err = ‖M − B A‖_F, rel_err = err / ‖M‖_F, energy = retained
     share ‖B A‖_F² / ‖M‖_F² (1.0 for M = 0). method_used is "randomized" or "exact"; niter is the number
-    of power iterations the randomized path ran (0 if it was not used).
+    of steps the randomized path ran: block Krylov steps with ``check="estimate"``, power iterations with
+    ``check="exact"`` or ``tol=None`` (0 if the randomized path was not used).
     """
 
     B: Tensor
