@@ -441,7 +441,7 @@ def test_edge_cases():
     assert low.B.shape == (30, 0) and low.A.shape == (0, 40) and low.rel_err == pytest.approx(1.0)
     low = low_rank_dense(M, 100)  # clipped to min(m, n); a sketch that wide uses the exact SVD
     assert low.rank == 30 and low.method_used == "exact" and low.rel_err < 1e-5
-    tall = randn(300, 30, seed=2) @ randn(30, 120, seed=3)  # rank 30, more rows than columns
+    tall = randn(600, 30, seed=2) @ randn(30, 240, seed=3)  # rank 30, more rows than columns
     for X in (tall, tall.T.contiguous()):
         low = low_rank_dense(X, 30)
         assert low.method_used == "randomized" and low.B.shape == (X.shape[0], 30)
