@@ -374,7 +374,9 @@ def test_exact_fallback_from_the_gram_matrix_is_the_truncated_svd(shape, r):
     if r == 32:  # through low_rank_dense: no iteration allowed, so the check fails and the fallback runs
         low = low_rank_dense(M, 32, niter=0, max_niter=0)
     else:
-        low = factored._exact_from_gram(M, factored._gram(M), 32, r, float((S**2).sum()), 0)
+        share = torch.cumsum(S**2, 0) / (S**2).sum()
+        energy = float(share[r - 2] + share[r - 1]) / 2  # picks exactly r
+        low = factored._exact_from_gram(M, factored._gram(M), 32, float((S**2).sum()), 0, energy)
     reference = (U[:, :r] * S[:r]) @ Vh[:r]
     assert low.method_used == "exact" and low.rank == r
     assert float(torch.linalg.matrix_norm(dense64(low.B, low.A) - reference)) <= 1e-5 * float(S[0])
@@ -387,7 +389,7 @@ def test_exact_fallback_of_a_rank_deficient_matrix():
 
     M = with_spectrum(60, 90, [3.0, 2.0, 1.0], seed=7)  # rank 3, asked for 8: five zero singular values
     norm2 = float(torch.linalg.matrix_norm(M.double()) ** 2)
-    low = factored._exact_from_gram(M, factored._gram(M), 8, 8, norm2, 0)  # the fallback path itself
+    low = factored._exact_from_gram(M, factored._gram(M), 8, norm2, 0)  # the fallback path itself
     assert low.B.shape == (60, 8) and low.A.shape == (8, 90)
     assert torch.isfinite(low.B).all() and torch.isfinite(low.A).all()
     assert true_error(M, low) <= 64 * EPS * float(torch.linalg.matrix_norm(M.double()))

@@ -275,18 +275,23 @@ def _exact(M: Tensor, rank: int, energy: float | None, norm2: float, niter: int)
     return _result(B, A, S[:rank], float(torch.linalg.vector_norm(S[r:])), norm2, "exact", niter)
 
 
-def _exact_from_gram(M: Tensor, G: Tensor, rank: int, r: int, norm2: float, niter: int) -> LowRank:
+def _exact_from_gram(
+    M: Tensor, G: Tensor, rank: int, norm2: float, niter: int, energy: float | None = None
+) -> LowRank:
     """The exact truncated SVD from the float64 Gram matrix G of M's smaller side: its top-r eigenvectors U
-    give B = U√S and A = S^-½ Uᵀ M (Uᵀ M = S Vᵀ). Several times cheaper than ``torch.linalg.svd`` of M once G
-    is built (576 × 576: eigh 34 ms against 115 ms for the SVD of 576 × 1536), and as accurate for the
+    give B = U√S and A = S^-½ Uᵀ M (Uᵀ M = S Vᵀ), with r = ``rank``, or the smallest r ≤ ``rank`` keeping
+    ``energy`` of ‖M‖² (from the same eigenvalues). Several times cheaper than ``torch.linalg.svd`` of M once
+    G is built (576 × 576: eigh 34 ms against 115 ms for the SVD of 576 × 1536), and as accurate for the
     leading singular vectors, which are all a rank-r approximation keeps."""
     m, n = M.shape
     wide = m <= n
     X = M if wide else M.mT
     with one_thread():  # see _spectrum
         values, vectors = torch.linalg.eigh(G)
-    values, U = values.flip(0).clamp_min(0.0), vectors.flip(1)[:, :r]
+    values = values.flip(0).clamp_min(0.0)
     S = values.sqrt()
+    r = rank if energy is None else min(rank, _rank_for_energy(S, norm2, energy))
+    U = vectors.flip(1)[:, :r]
     root = S[:r].sqrt()
     inverse = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
     Bx = (U * root).to(M.dtype)
@@ -425,9 +430,7 @@ def low_rank_dense(
         # three Krylov blocks (depth 2, the first step that can pass the estimate on flat spectra) would not
         # fit in 3/4 of the smaller side, so the path would end in this exact SVD anyway (192 × 576 at
         # rank 64: 4.1 ms directly against 7.9 ms through the Krylov steps)
-        G = _gram(M)
-        r = rank if energy is None else min(rank, _rank_for_energy(_spectrum(G).sqrt(), norm2, energy))
-        return _exact_from_gram(M, G, rank, r, norm2, 0)
+        return _exact_from_gram(M, _gram(M), rank, norm2, 0, energy)
     return _randomized(M, rank, width, niter, tol, check, energy, generator, max_niter, norm2)
 
 
@@ -506,20 +509,18 @@ def _randomized_estimated(
                 err_before = _space_error(X, Z[:, :p], XtZ[:, :p], _ritz(H[:p, :p]), r, norm2)
             converged = err_before <= (1 + tol) * err + rounding
         if converged and depth >= niter:
-            return _ritz_result(M, Z, XtZ, ritz, rank, r, norm2, depth)
+            return _ritz_result(M, Z, XtZ, ritz, rank, r, err, norm2, depth)
         before = (Z.shape[1], r, err)
         if depth == max_niter or Z.shape[1] + width > 3 * s // 4:  # the exact SVD is cheaper from here
             break
         new = _new_directions(X @ XtZ[:, -last:], Z)
         if new.shape[1] == 0:  # span(Z) is invariant under G: its Ritz pairs are exact
-            return _ritz_result(M, Z, XtZ, ritz, rank, r, norm2, depth)
+            return _ritz_result(M, Z, XtZ, ritz, rank, r, err, norm2, depth)
         XtN = X.mT @ new
         cross, corner = (XtZ.mT @ XtN).double(), (XtN.mT @ XtN).double()  # H grows by one block row/column
         H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.mT, corner], 1)], 0)
         Z, XtZ, last = torch.cat([Z, new], 1), torch.cat([XtZ, XtN], 1), new.shape[1]
-    G = _gram(M)
-    r = rank if energy is None else min(rank, _rank_for_energy(_spectrum(G).sqrt(), norm2, energy))
-    return _exact_from_gram(M, G, rank, r, norm2, depth)
+    return _exact_from_gram(M, _gram(M), rank, norm2, depth, energy)
 
 
 def _project_out(Y: Tensor, Z: Tensor) -> Tensor:
@@ -577,12 +578,11 @@ def _ritz_factors(Z: Tensor, XtZ: Tensor, ritz: _Ritz, r: int) -> tuple[Tensor, 
 
 
 def _ritz_result(
-    M: Tensor, Z: Tensor, XtZ: Tensor, ritz: _Ritz, rank: int, r: int, norm2: float, depth: int
+    M: Tensor, Z: Tensor, XtZ: Tensor, ritz: _Ritz, rank: int, r: int, err: float, norm2: float, depth: int
 ) -> LowRank:
+    """The factors of the top-r Ritz vectors, whose error ``err`` the caller has from :func:`_space_error`."""
     Bx, Ax, S = _ritz_factors(Z, XtZ, ritz, r)
     B, A = (Bx, Ax) if M.shape[0] <= M.shape[1] else (Ax.mT.contiguous(), Bx.mT.contiguous())
-    kept = float((S[:r].double() ** 2).sum())
-    err = math.sqrt(norm2 - kept) if norm2 - kept > _CANCELLATION * norm2 else _residual_norm(M, B, A)
     return _result(B, A, S[:rank], err, norm2, "randomized", depth)
 
 
@@ -624,4 +624,4 @@ def _randomized_checked(
                 return _result(B, A, S[:rank], err, norm2, "randomized", j)
         if j < max_niter:
             Q = torch.linalg.qr(Gx @ Q).Q
-    return _exact_from_gram(M, G, rank, r, norm2, max_niter)
+    return _exact_from_gram(M, G, rank, norm2, max_niter, energy)
