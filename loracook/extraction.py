@@ -9,6 +9,7 @@ handled by the options of the source (embedding LoRA, modules_to_save, error or 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections import Counter
@@ -219,19 +220,17 @@ class _Scratch(threading.local):
     """Buffers of one worker thread, reused from tensor to tensor: the raw bytes of both tensors, the fp32
     base and ΔW. A fresh 30–130 MB tensor per module costs a page fault per 4 KiB page on its first touch
     (measured on the 1.5B model, a pass without the SVDs: 10.7 s of system time against 3.4 s of user
-    time). Tensors above ``LIMIT`` elements (embeddings) get fresh memory, so the buffers stay at the size of
-    the largest linear layer."""
+    time). Buffers above ``LIMIT`` bytes (embeddings) are not kept: those tensors get fresh memory, so the
+    buffers stay at the size of the largest linear layer."""
 
-    LIMIT = 1 << 24  # elements: 64 MiB in fp32, 2048 × 8192
+    LIMIT = 64 << 20  # bytes: 2048 × 8192 in fp32
 
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        numel = 1
-        for size in shape:
-            numel *= size
-        if numel > self.LIMIT:
+        numel = math.prod(shape)
+        if numel * dtype.itemsize > self.LIMIT:
             return None
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
@@ -240,8 +239,7 @@ class _Scratch(threading.local):
 
     def raw(self, key: str, info: TensorInfo) -> torch.Tensor | None:
         """A uint8 buffer for ``TensorReader.read(into=...)``."""
-        elements = info.nbytes // max(info.dtype.itemsize, 1)
-        return self.get(key, (info.nbytes,), torch.uint8) if elements <= self.LIMIT else None
+        return self.get(key, (info.nbytes,), torch.uint8)
 
 
 def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read, scratch: _Scratch) -> _Outcome:
@@ -264,9 +262,7 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read, scratch: 
     shape = tuple(w.shape)
     base32 = _fp32(w, scratch.get("base", shape, torch.float32))
     scale = float(torch.linalg.vector_norm(base32)) or 1.0
-    delta = scratch.get("delta", shape, torch.float32)
-    delta = w_ft.to(torch.float32, copy=True) if delta is None else delta.copy_(w_ft)
-    delta.sub_(base32)
+    delta = _fp32(w_ft, scratch.get("delta", shape, torch.float32)).sub_(base32)
     del base32, w
     change = float(torch.linalg.vector_norm(delta)) / scale
     if change <= spec.tolerance:
