@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark (issue 3): combine N rank-16 LoRAs into one adapter — loracook vs PEFT add_weighted_adapter.
 
-Workload: SmolLM2-135M-Instruct (fp32 folder from ``loracook.models.smollm2_folder()``) and N random rank-16
+Workload: SmolLM2-135M-Instruct (fp32 folder from ``loracook.io.packaged.smollm2_folder()``) and N random rank-16
 PEFT adapters (alpha 32, q,k,v,o,gate,up,down, nonzero lora_B, seeds 101..100+N), N = 2 and 8, with fixed
 distinct weights. Contenders, each its own child process:
 
@@ -42,7 +42,7 @@ SEED0 = 100
 
 
 def smollm2_base() -> Path:
-    code = "from loracook.models import smollm2_folder; print(smollm2_folder())"
+    code = "from loracook.io.packaged import smollm2_folder; print(smollm2_folder())"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bu.env(), check=True)
     return Path(r.stdout.strip().splitlines()[-1])
 

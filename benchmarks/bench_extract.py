@@ -2,7 +2,7 @@
 """Benchmark (issue 4): extract a LoRA from a full fine-tune — loracook vs mergekit-extract-lora.
 
 Workloads (each fine-tune is made once by _make_finetunes.py and cached under benchmarks/.work/):
-  smollm2    SmolLM2-135M-Instruct fp32 (``loracook.models.smollm2_folder()``) and a fine-tune of it: 10 full-rank
+  smollm2    SmolLM2-135M-Instruct fp32 (``loracook.io.packaged.smollm2_folder()``) and a fine-tune of it: 10 full-rank
              AdamW steps on the 7 linear projections of every layer (embeddings and norms frozen), rank 64.
   synthetic  the synthetic 1.47B bf16 Llama of common.py and a fine-tune W + (random rank-32 delta) + noise on
              every linear projection, rank 64.
@@ -49,7 +49,7 @@ SPEED_TARGET = {"smollm2": 5.0, "synthetic": 10.0}
 
 
 def smollm2_base() -> Path:
-    code = "from loracook.models import smollm2_folder; print(smollm2_folder())"
+    code = "from loracook.io.packaged import smollm2_folder; print(smollm2_folder())"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bu.env(), check=True)
     return Path(r.stdout.strip().splitlines()[-1])
 

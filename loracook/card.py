@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 from loracook import __version__
-from loracook.plan import ModuleTask, Plan, TensorTask
+from loracook.plan.tasks import Plan
 
 
-def model_card(plan: Plan, recipe_name: str | None, recipe_text: str, report, evaluation=None) -> str:
+def model_card(plan: Plan, kind, title: str, recipe_text: str, report, evaluation=None) -> str:
+    """README.md of an output: front matter for the hub, what was made (from the output kind), the recipe."""
     base_name = plan.base.config.get("_name_or_path") or plan.base.path.name
-    title = recipe_name or plan.output.name
     sources = ", ".join(f"`{n}`" for n in plan.sources)
-    if plan.kind == "model":
-        changed = sum(1 for t in plan.tasks if isinstance(t, TensorTask) and t.terms)
-        what = f"the base model merged with {len(plan.sources)} LoRA adapter(s) by `{plan.method}`"
-        facts = [f"- tensors changed: {changed} of {len(plan.tasks)}"]
-        front = ["library_name: transformers"]
-    else:
-        modules = [t for t in plan.tasks if isinstance(t, ModuleTask)]
-        ranks = sorted({t.rank for t in modules})
-        what = f"a PEFT LoRA adapter combining {len(plan.sources)} adapter(s) by `{plan.method}`"
-        facts = [f"- modules: {len(modules)}, ranks {', '.join(map(str, ranks))}"]
-        front = ["library_name: peft", f"base_model: {base_name}"]
+    what, facts, front = kind.card_facts(plan)
     if report.modules:
         summary = report.to_json()
         facts.append(

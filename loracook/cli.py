@@ -115,13 +115,7 @@ def _console():
 def _load(path: Path, seed: int | None = None):
     from loracook.recipe import load_recipe
 
-    loaded = load_recipe(path)
-    if seed is not None:
-        merge = loaded.recipe.merge.model_copy(update={"seed": seed})
-        loaded = type(loaded)(
-            loaded.recipe.model_copy(update={"merge": merge}), loaded.file, loaded.text, loaded.positions
-        )
-    return loaded
+    return load_recipe(path, seed=seed)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -142,10 +136,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _check_files(loaded) -> None:
     """Open every file the recipe names (headers only) and check that the sources fit the base."""
-    from loracook.planner import make_plan
+    from loracook.engine import prepare
 
     try:
-        make_plan(loaded.recipe, Path(loaded.recipe.output.path or "unused-output"))
+        prepare(loaded.recipe)
         _check_tasks(loaded)
     except BadInput as error:
         raise loaded.locate(error) from None
@@ -156,19 +150,22 @@ def _check_tasks(loaded) -> None:
     if loaded.recipe.evaluate is not None:
         from loracook.evaluation import resolve_tasks
 
-        resolve_tasks(loaded.recipe.evaluate.tasks, loaded.file.parent.resolve(), load=False)
+        resolve_tasks(loaded.recipe.evaluate.tasks, Path.cwd(), load=False)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from loracook.planner import make_plan
+    from loracook.engine import output_path, prepare
+    from loracook.plan.compile import recipe_values
 
     loaded = _load(args.recipe)
     try:
-        plan = make_plan(loaded.recipe, args.output)
+        prepared = prepare(loaded.recipe)
         _check_tasks(loaded)
+        target = output_path(loaded.recipe, args.output)
     except BadInput as error:
         raise loaded.locate(error) from None
-    _print_plan(plan, show_all=args.all)
+    values = recipe_values(loaded.recipe, prepared.base)
+    _print_plan(prepared.plan, values, target, show_all=args.all)
     return EXIT_OK
 
 
@@ -188,7 +185,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 output=args.output,
                 force=args.force,
                 on_task=on_task,
-                recipe_root=loaded.file.parent.resolve(),
                 evaluate=not args.no_eval,
                 device=args.device,
                 on_eval=_eval_printer(console),
@@ -368,14 +364,14 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _print_plan(plan, show_all: bool) -> None:
+def _print_plan(plan, values, target: Path, show_all: bool) -> None:
     from rich.table import Table
 
-    from loracook.plan import ModuleTask
+    from loracook.plan.tasks import ModuleTask
 
     console = _console()
-    table = Table(title=f"plan: {plan.kind} by {plan.method} -> {plan.output}")
-    adapter = plan.kind == "adapter"
+    table = Table(title=f"plan: {plan.kind} by {plan.method} -> {target}")
+    adapter = plan.parallel  # small tasks kept whole (adapter modules), not streamed tensors
     columns = (
         ("module", "shape", "terms", "rank out", "how")
         if adapter
@@ -388,7 +384,7 @@ def _print_plan(plan, show_all: bool) -> None:
     for task in plan.tasks:
         if not task.terms and not show_all:
             continue
-        terms = ", ".join(_term_label(t) for t in task.terms) or "copy"
+        terms = ", ".join(_term_label(t, values) for t in task.terms) or "copy"
         if isinstance(task, ModuleTask):
             how = "exact" if task.exact else ("factored svd" if task.factored else "dense + randomized svd")
             shape = f"{task.out_features}×{task.in_features}"
@@ -416,16 +412,17 @@ def _print_plan(plan, show_all: bool) -> None:
     )
 
 
-def _term_label(term) -> str:
-    from loracook.plan import BiasTerm, FullTerm, LoraTerm
+def _term_label(term, values) -> str:
+    from loracook.plan.tasks import BiasTerm, FullTerm, LoraTerm
 
+    weight = values.weight(term.source, term.at)
     if isinstance(term, LoraTerm):
         kind = "dora" if term.magnitude is not None else "lora"
-        text = f"{term.source}:{kind} r{term.a.shape[0]} ×{term.weight:g}"
+        text = f"{term.source}:{kind} r{term.a.shape[0]} ×{weight:g}"
     elif isinstance(term, FullTerm):
-        text = f"{term.source}:replace ×{term.weight:g}"
+        text = f"{term.source}:replace ×{weight:g}"
     elif isinstance(term, BiasTerm):
-        text = f"{term.source}:bias ×{term.weight:g}"
+        text = f"{term.source}:bias ×{weight:g}"
     else:
         text = str(term)
     return text + (" +dare" if getattr(term, "dare", None) else "")

@@ -1,4 +1,8 @@
-"""The engine's front door: recipe in, output folder out. Knows no YAML and no terminal."""
+"""The engine's front door: recipe in, output folder out. Knows no YAML and no terminal.
+
+recipe → open the base and the sources (headers) → make sources real (extractions) → compile the plan →
+execute it into the output kind's sink → side files and reports → evaluate → model card → commit
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,23 @@ from pathlib import Path
 
 from loracook.card import model_card
 from loracook.errors import BadInput
-from loracook.executor import OnTask, OnTensor, Report, execute
-from loracook.extraction import ExtractReport, extract, plan_extraction
-from loracook.io.resolve import resolve_path
+from loracook.execute.executor import OnTask, Report, execute
+from loracook.execute.sinks import Tee
+from loracook.io.checkpoint import Checkpoint
 from loracook.io.writer import OutputFolder
-from loracook.plan import Plan
-from loracook.planner import load_base, make_plan
-from loracook.recipe.model import ExtractSource, Recipe
+from loracook.outputs import output_kind
+from loracook.plan.compile import compile_plan, load_base, recipe_values
+from loracook.plan.tasks import Plan
+from loracook.sources import Source, make_real, open_sources
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A recipe opened against its files: the base, the sources (extractions not yet run) and the plan."""
+
+    base: Checkpoint
+    sources: dict[str, Source]
+    plan: Plan
 
 
 @dataclass(frozen=True)
@@ -24,19 +38,24 @@ class RunResult:
     output: Path
     plan: Plan
     report: Report
-    extractions: dict[str, ExtractReport] = field(default_factory=dict)
+    extractions: dict = field(default_factory=dict)  # source name -> ExtractReport
     evaluation: object | None = None  # an EvalReport when the recipe has an evaluate section
 
 
+def prepare(recipe) -> Prepared:
+    """Open the base once and every source's headers, and compile the plan (what `validate` and `plan` do)."""
+    base = load_base(recipe.base_spec)
+    sources = open_sources(recipe.sources, base, recipe.merge.seed)
+    return Prepared(base, sources, compile_plan(recipe, base, sources))
+
+
 def run(
-    recipe: Recipe,
+    recipe,
     *,
     recipe_text: str,
     output: Path | None = None,
     force: bool = False,
     on_task: OnTask | None = None,
-    on_tensor: OnTensor | None = None,
-    recipe_root: Path | None = None,
     evaluate: bool = True,
     device: str | None = None,
     on_eval: Callable | None = None,
@@ -47,11 +66,49 @@ def run(
     >>> loaded = load_recipe("recipes/demo.yaml")  # doctest: +SKIP
     >>> run(loaded.recipe, recipe_text=loaded.text).output  # doctest: +SKIP
     """
+    target = output_path(recipe, output)
+    _refuse_existing(target, force)
+    section = recipe.evaluate if evaluate else None
+    prepared = prepare(recipe)
+    tasks = check_evaluation(recipe, prepared.base) if section else None
+    _check_not_overwriting_inputs(target, prepared)
+    kind = output_kind(recipe.output.kind)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.extract-", dir=target.parent) as work:
+        sources = make_real(prepared.sources, Path(work), recipe.merge.seed, on_task)
+        ready = all(s.ready for s in prepared.sources.values())
+        plan = prepared.plan if ready else compile_plan(recipe, prepared.base, sources)
+        with OutputFolder(target, force=force) as out:
+            memory = kind.memory_sink(plan) if section else None
+            sink = kind.sink(plan, out)
+            report = execute(
+                plan, recipe_values(recipe, plan.base), Tee(sink, memory) if memory else sink, on_task
+            )
+            kind.side_files(plan, out)
+            _write_reports(out, report, sources)
+            evaluation = None
+            if section is not None:
+                evaluation = _evaluate(recipe, plan, kind, tasks, out.tmp, memory, sources, device, on_eval)
+                memory = None  # the merged model held for evaluation
+            out.write_text(
+                "README.md",
+                model_card(plan, kind, recipe.name or target.name, recipe_text, report, evaluation),
+            )
+            out.write_text("loracook_recipe.yaml", recipe_text)
+            out.commit()
+    extractions = {n: s.report for n, s in sources.items() if s.report is not None}
+    return RunResult(target, plan, report, extractions, evaluation)
+
+
+def output_path(recipe, output: Path | None) -> Path:
     target = output or (Path(recipe.output.path) if recipe.output.path else None)
     if target is None:
         raise BadInput(
             "no output path", loc=("output",), fix="set output.path in the recipe or pass --output"
         )
+    return target
+
+
+def _refuse_existing(target: Path, force: bool) -> None:
     if target.exists() and not force:
         raise BadInput(
             "the output already exists", file=target, loc=("output", "path"), fix="pass --force to replace it"
@@ -62,68 +119,28 @@ def run(
         raise BadInput(
             f"cannot create the output's parent folder: {exc.strerror}", file=target.parent
         ) from None
-    section = recipe.evaluate if evaluate else None
-    tasks = check_evaluation(recipe, recipe_root or Path.cwd()) if section else None
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.extract-", dir=target.parent) as work:
-        extracted, reports = _extract_sources(recipe, Path(work), on_task)
-        plan = make_plan(recipe, target, extracted)
-        _check_not_overwriting_inputs(plan, recipe)
-        merged: dict = {}
-        keep = section is not None and plan.kind == "model" and plan.bytes_written <= IN_MEMORY_EVAL_BYTES
-
-        def collect(name, tensor):
-            if keep:
-                merged[name] = tensor
-            if on_tensor:
-                on_tensor(name, tensor)
-
-        with OutputFolder(plan.output, force=force) as out:
-            report = execute(plan, out, on_task, collect if keep or on_tensor else None)
-            if plan.kind == "model":
-                for path in plan.copy_files:
-                    if path.name == "config.json":
-                        out.write_text("config.json", _config_with_dtype(path, plan))
-                    else:
-                        out.copy(path)
-            else:
-                out.write_text("adapter_config.json", json.dumps(plan.adapter_config, indent=2) + "\n")
-            if report.modules:
-                out.write_text("merge_report.json", json.dumps(report.to_json(), indent=2) + "\n")
-            if reports:
-                payload = {name: r.to_json() for name, r in reports.items()}
-                out.write_text("extract_report.json", json.dumps(payload, indent=2) + "\n")
-            evaluation = None
-            if section is not None:
-                evaluation = _evaluate(
-                    recipe, plan, tasks, out.tmp, merged or None, extracted, device, on_eval
-                )
-                evaluation.save(out.tmp / "eval_results.json")
-                try:
-                    evaluation.plot(out.tmp / "eval_results.png")
-                except BadInput:
-                    pass  # matplotlib is optional: the JSON and the table still carry the numbers
-                merged.clear()
-            out.write_text("README.md", model_card(plan, recipe.name, recipe_text, report, evaluation))
-            out.write_text("loracook_recipe.yaml", recipe_text)
-            out.commit()
-    return RunResult(output=plan.output, plan=plan, report=report, extractions=reports, evaluation=evaluation)
 
 
-IN_MEMORY_EVAL_BYTES = 4 * 10**9  # a merged model this small is evaluated from memory, not reloaded from disk
+def _write_reports(out: OutputFolder, report: Report, sources: dict[str, Source]) -> None:
+    if report.modules:
+        out.write_text("merge_report.json", json.dumps(report.to_json(), indent=2) + "\n")
+    extracted = {n: s.report.to_json() for n, s in sources.items() if s.report is not None}
+    if extracted:
+        out.write_text("extract_report.json", json.dumps(extracted, indent=2) + "\n")
 
 
-def check_evaluation(recipe: Recipe, root: Path):
+def check_evaluation(recipe, base: Checkpoint):
     """Resolve and check the evaluate section's tasks (cheap, no model) before any merge work."""
     from loracook.evaluation import check_chat_template, resolve_tasks
 
     assert recipe.evaluate is not None
-    tasks = resolve_tasks(recipe.evaluate.tasks, root)
+    tasks = resolve_tasks(recipe.evaluate.tasks, Path.cwd())
     if recipe.evaluate.apply_chat_template:
-        check_chat_template(load_base(recipe).path)
+        check_chat_template(base.path)
     return tasks
 
 
-def merge_name(recipe: Recipe) -> str:
+def merge_name(recipe) -> str:
     taken = {"base", *recipe.sources}
     name = recipe.name or "merge"
     while name in taken:
@@ -131,16 +148,14 @@ def merge_name(recipe: Recipe) -> str:
     return name
 
 
-def _evaluate(recipe, plan, tasks, folder: Path, merged: dict | None, extracted, device, on_eval):
-    """Score the requested baselines and the merge with lm-eval, sharing one in-memory base model."""
+def _evaluate(recipe, plan, kind, tasks, folder: Path, memory, sources, device, on_eval):
+    """Score the requested baselines and the result with lm-eval, sharing one in-memory base model."""
     from loracook.evaluation import (
         EvalOptions,
         adapter_candidates,
         base_candidate,
         evaluate_candidates,
-        folder_candidate,
         load_model,
-        model_candidate,
     )
 
     assert recipe.evaluate is not None
@@ -150,73 +165,28 @@ def _evaluate(recipe, plan, tasks, folder: Path, merged: dict | None, extracted,
         if name == "base":
             candidates.append(base_candidate(base))
         else:
-            source = recipe.sources[name]
-            if isinstance(source, ExtractSource):
-                path = extracted[name]
-            else:
-                path = Path(
-                    resolve_path(source if isinstance(source, str) else source.adapter, kind="adapter")
-                )
-            candidates += adapter_candidates(base, {name: path})
-    name = merge_name(recipe)
-    if plan.kind == "adapter":
-        candidates += adapter_candidates(base, {name: folder})
-    elif merged is not None:
-        candidates.append(model_candidate(name, merged, base=base))
-    else:
-        candidates.append(folder_candidate(folder, name=name))
+            candidates += adapter_candidates(base, {name: sources[name].adapter.path})
+    candidates.append(kind.candidate(merge_name(recipe), plan, folder, memory, base))
     options = EvalOptions.from_section(recipe.evaluate, device=device, seed=recipe.merge.seed)
     options = replace(options, quiet=on_eval is not None)  # the caller reports progress
-    return evaluate_candidates(candidates, tasks, options, on_event=on_eval)
+    evaluation = evaluate_candidates(candidates, tasks, options, on_event=on_eval)
+    evaluation.save(folder / "eval_results.json")
+    try:
+        evaluation.plot(folder / "eval_results.png")
+    except BadInput:
+        pass  # matplotlib is optional: the JSON and the table still carry the numbers
+    return evaluation
 
 
-def _extract_sources(recipe: Recipe, work: Path, on_task: OnTask | None):
-    """Run each extract source into a PEFT adapter under ``work``; the merge then reads it like any adapter."""
-    extracted: dict[str, Path] = {}
-    reports: dict[str, ExtractReport] = {}
-    jobs = {n: s for n, s in recipe.sources.items() if isinstance(s, ExtractSource)}
-    if not jobs:
-        return extracted, reports
-    base = load_base(recipe)
-    for name, source in jobs.items():
-        try:
-            job = plan_extraction(
-                name, source.extract, base, resolve_path(source.extract.model, kind="fine-tune")
-            )
-        except BadInput as error:
-            error.loc = error.loc or ("sources", name)
-            raise
-
-        def progress(done: int, total: int, label: str, name: str = name) -> None:
-            if on_task:
-                on_task(done, total, f"extract {name}: {label}")
-
-        reports[name] = extract(job, work / name, seed=recipe.merge.seed, on_item=progress)
-        extracted[name] = work / name
-    return extracted, reports
-
-
-def _config_with_dtype(path: Path, plan: Plan) -> str:
-    """The base's config.json, with its dtype entry naming the dtype the weights were written in."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    dtypes = {t.dtype for t in plan.tasks if t.dtype.is_floating_point}
-    if len(dtypes) == 1:
-        name = str(dtypes.pop()).removeprefix("torch.")
-        for key in ("dtype", "torch_dtype"):
-            if key in config or key == "dtype":
-                config[key] = name
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def _check_not_overwriting_inputs(plan: Plan, recipe: Recipe) -> None:
-    dest = plan.output.resolve()
-    inputs = [plan.base.path] + [a.path for a in plan.sources.values()]
+def _check_not_overwriting_inputs(target: Path, prepared: Prepared) -> None:
+    dest = target.resolve()
+    inputs = [prepared.base.path] + [p for s in prepared.sources.values() for p in s.inputs]
     for path in inputs:
-        path = path.resolve()
+        path = Path(path).resolve()
         if dest == path or dest in path.parents:
             raise BadInput(
                 "the output folder overlaps an input folder",
-                file=plan.output,
+                file=target,
                 loc=("output", "path"),
                 fix="choose another output path",
             )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from loracook.errors import BadInput
-from loracook.io.adapter import Adapter, open_adapter
+from loracook.io.peft import Adapter, open_adapter
 from loracook.io.checkpoint import open_checkpoint
 
 

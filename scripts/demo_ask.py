@@ -35,7 +35,7 @@ def main() -> None:
     from rich.table import Table
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loracook.models import smollm2_folder
+    from loracook.io.packaged import smollm2_folder
 
     merged_path = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2-vellmark"
     base_path = smollm2_folder()

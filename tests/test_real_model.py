@@ -14,7 +14,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from loracook.models import smollm2_folder
+    from loracook.io.packaged import smollm2_folder
 
     return smollm2_folder()
 

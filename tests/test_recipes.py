@@ -80,7 +80,7 @@ def test_extraction_recipe_on_a_stand_in_fine_tune(tmp_path: Path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from loracook.models import smollm2_folder
+    from loracook.io.packaged import smollm2_folder
 
     base = smollm2_folder()
     finetune = tmp_path / "finetune"

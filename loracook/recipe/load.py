@@ -12,7 +12,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from loracook.errors import BadInput, Unsupported
-from loracook.recipe.model import METHODS, Recipe
+from loracook import methods
+from loracook.recipe.model import Recipe
 
 Loc = tuple[str | int, ...]
 
@@ -35,8 +36,9 @@ class LoadedRecipe:
         return error
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read, parse and validate a recipe file. Raises BadInput with file:line:column.
+def load_recipe(path: str | Path, *, seed: int | None = None) -> LoadedRecipe:
+    """Read, parse and validate a recipe file. Raises BadInput with file:line:column. ``seed`` overrides
+    merge.seed (`loracook run --seed`).
 
     >>> load_recipe("recipes/does-not-exist.yaml")  # doctest: +SKIP
     """
@@ -47,10 +49,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         raise BadInput("recipe file not found", file=file, fix="check the path") from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
         raise BadInput(f"cannot read the recipe: {exc.__class__.__name__}", file=file) from None
-    return load_recipe_text(text, file)
+    return load_recipe_text(text, file, seed=seed)
 
 
-def load_recipe_text(text: str, file: str | Path) -> LoadedRecipe:
+def load_recipe_text(text: str, file: str | Path, *, seed: int | None = None) -> LoadedRecipe:
     file = Path(file)
     data, positions = _parse_yaml(text, file)
     if not isinstance(data, dict):
@@ -67,6 +69,8 @@ def load_recipe_text(text: str, file: str | Path) -> LoadedRecipe:
         recipe = Recipe.model_validate(data, context={"root": str(file.parent.resolve())})
     except ValidationError as exc:
         raise _explain(exc, data, positions, file) from None
+    if seed is not None:
+        recipe = recipe.model_copy(update={"merge": recipe.merge.model_copy(update={"seed": seed})})
     loaded = LoadedRecipe(recipe=recipe, file=file, text=text, positions=positions)
     try:
         check_semantics(recipe)
@@ -181,11 +185,11 @@ def _explain(exc: ValidationError, data: Any, positions: dict[Loc, tuple[int, in
         )
     elif kind == "union_tag_invalid" and loc and loc[-1] == "merge":
         given = first.get("input", {}).get("method") if isinstance(first.get("input"), dict) else None
-        hint = difflib.get_close_matches(str(given), METHODS, n=1)
-        message = f"unknown merge method {given!r}; the methods are {', '.join(METHODS)}"
+        hint = difflib.get_close_matches(str(given), methods.names(), n=1)
+        message = f"unknown merge method {given!r}; the methods are {', '.join(methods.names())}"
         fix = f"did you mean {hint[0]!r}?" if hint else None
     elif kind == "union_tag_not_found" and loc and loc[-1] == "merge":
-        message, fix = "merge.method is missing", f"add `method:` ({', '.join(METHODS)})"
+        message, fix = "merge.method is missing", f"add `method:` ({', '.join(methods.names())})"
     elif kind == "missing":
         message, fix = f"missing required key {dotted!r}", None
     elif kind == "literal_error" and loc == ("loracook",):

@@ -56,7 +56,7 @@ def build(folder: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loracook.models import smollm2_folder
+    from loracook.io.packaged import smollm2_folder
 
     folder = folder or finetune_dir()
     torch.manual_seed(SETTINGS["seed"])

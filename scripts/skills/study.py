@@ -189,7 +189,7 @@ def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_si
         model_candidate,
         resolve_tasks,
     )
-    from loracook.models import smollm2_folder
+    from loracook.io.packaged import smollm2_folder
 
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "evaluate"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -115,7 +115,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loracook.models import smollm2_folder
+    from loracook.io.packaged import smollm2_folder
 
     torch.manual_seed(args.seed)
     folder = smollm2_folder()

@@ -1,6 +1,9 @@
-"""Read PEFT LoRA adapters: adapter_config.json plus adapter_model.safetensors (or a weights-only .bin).
+"""The one door to PEFT LoRA adapters: adapter_config.json plus adapter_model.safetensors (or a weights-only
+.bin), read and written.
 
-Only headers and the config are read here; tensors are read later by the executor through TensorReader.
+Reading opens only the config and the tensor headers; tensors are read later by the executor through
+TensorReader. Writing builds the config (:func:`adapter_config`) and names the tensors (:func:`factor_names`,
+:func:`saved_name`) for every adapter loracook writes: merged adapters, extracted adapters, router adapters.
 """
 
 from __future__ import annotations
@@ -241,3 +244,90 @@ def _assemble(
     if not modules and not full:
         raise BadInput("the adapter holds no LoRA tensors", file=file)
     return Adapter(folder, file, config, modules, full, frozenset(copies))
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def factor_names(module: str, embedding: bool = False) -> tuple[str, str]:
+    """The adapter file's names of a module's A and B factors.
+
+    >>> factor_names("model.layers.0.mlp.up_proj")
+    ('base_model.model.model.layers.0.mlp.up_proj.lora_A.weight', 'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight')
+    """
+    prefix = f"{PREFIX}{module}."
+    if embedding:
+        return prefix + "lora_embedding_A", prefix + "lora_embedding_B"
+    return prefix + "lora_A.weight", prefix + "lora_B.weight"
+
+
+def saved_name(tensor: str) -> str:
+    """The adapter file's name of a tensor saved in full (modules_to_save)."""
+    return PREFIX + tensor
+
+
+def exact_pattern(module: str) -> str:
+    """A rank_pattern key that PEFT's `(.*\\.)?(key)$` lookup matches for this module only."""
+    return module.replace(".", r"\.")
+
+
+def adapter_config(
+    ranks: dict[str, int],
+    *,
+    target_modules: list[str] | None,
+    modules_to_save: list[str] | None,
+    base_model: str | None,
+    fan_in_fan_out: bool = False,
+    task_type: str = "CAUSAL_LM",
+    default_rank: int = 8,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """adapter_config.json for factors written at scale 1: lora_alpha = r for every module (through the
+    patterns), so that B @ A is the module's ΔW. ``r`` is the most common rank (the larger on a tie).
+
+    >>> cfg = adapter_config({"a.q": 8, "a.k": 4}, target_modules=["q", "k"], modules_to_save=None,
+    ...                      base_model=None)
+    >>> cfg["r"], cfg["rank_pattern"], cfg["lora_alpha"]
+    (8, {'a\\\\.k': 4}, 8)
+    """
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    r = max(counts, key=lambda k: (counts[k], k)) if counts else default_rank
+    pattern = {exact_pattern(m): k for m, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    config.update(extra or {})
+    return config
+
+
+def config_text(config: dict[str, Any]) -> str:
+    return json.dumps(config, indent=2) + "\n"
+
+
+def save_adapter(folder: Path, tensors: dict[str, Any], config: dict[str, Any]) -> None:
+    """Write adapter_model.safetensors and adapter_config.json into ``folder`` (which must exist)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(config_text(config), encoding="utf-8")

@@ -1,12 +1,51 @@
-"""Resolve a source's merge weight for one tensor: a number, a per-layer list, or filter rules."""
+"""The run-time values of a compiled plan: each source's merge weight per tensor, and its density.
+
+A plan's terms name their source; :class:`Values` binds the numbers when the plan is executed, so one
+compiled plan serves many weight sets (a search, or a test that compares two runs). A weight is a number, a
+per-layer list, or filter rules (:func:`weight_for`).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from loracook.errors import BadInput
 from loracook.io.checkpoint import layer_index
-from loracook.recipe.model import FilterRule
+from loracook.recipe.types import FilterRule
+
+WeightSpec = Any  # float | list[float] | list[FilterRule]
+
+
+@dataclass(frozen=True)
+class Values:
+    """Weights (per source: a number, a per-layer list or filter rules; unlisted sources get 1.0) and
+    densities (per source; unlisted get 1.0), for a model of ``num_layers`` layers.
+
+    >>> v = Values({"a": [0.0, 1.0]}, {}, num_layers=3)
+    >>> v.weight("a", "model.layers.1.mlp.up_proj.weight"), v.weight("b", "lm_head.weight")
+    (0.5, 1.0)
+    """
+
+    weights: Mapping[str, WeightSpec] = field(default_factory=dict)
+    densities: Mapping[str, float] = field(default_factory=dict)
+    num_layers: int = 0
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def weight(self, source: str, at: str) -> float:
+        key = (source, at)
+        if key not in self._cache:
+            self._cache[key] = weight_for(self.weights.get(source, 1.0), at, self.num_layers, source)
+        return self._cache[key]
+
+    def density(self, source: str) -> float:
+        return float(self.densities.get(source, 1.0))
+
+    def check(self) -> None:
+        for source, spec in self.weights.items():
+            check_weight(spec, self.num_layers, source)
 
 
 def check_weight(spec: float | list, num_layers: int, source: str) -> None:

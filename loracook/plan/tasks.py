@@ -1,10 +1,12 @@
-"""The plan: frozen tasks built from a recipe and file headers only (no tensor data is read).
+"""The compiled plan: frozen tasks built from a recipe and file headers only (no tensor data is read).
 
 Output kind `model`: one :class:`TensorTask` per output tensor, the base tensor plus the terms added to it.
 Output kind `adapter`: one :class:`ModuleTask` per adapted module (its merged LoRA factors), plus
-:class:`TensorTask` s for tensors saved in full (modules_to_save) and LoRA biases.
-Each term is one source's contribution; a :class:`Combine` says how the terms of a task combine. The executor
-walks the tasks in order and never looks back at the recipe.
+:class:`TensorTask` s for tensors saved in full (modules_to_save).
+Each term is one source's contribution and carries the source's name, not its weight: weights and densities
+are bound when the plan is executed (:class:`~loracook.plan.values.Values`), so one plan serves many weight
+sets (a search). A :class:`Combine` says how the terms of a task combine. The executor walks the tasks in
+order and never looks back at the recipe.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from pathlib import Path
 
 import torch
 
-from loracook.io.adapter import Adapter
 from loracook.io.checkpoint import Checkpoint
+from loracook.io.peft import Adapter, factor_names
 from loracook.io.tensors import TensorInfo
+from loracook.methods import MergeMethod
+from loracook.recipe.types import MergeParams
 
 # fp32 bytes of one row block; bounds the executor's working memory. Small enough that a block is still in
-# the CPU caches when the writer thread copies it into the page cache: on the 1.5B bf16 benchmark 32 MiB
-# blocks took 5.5-7.2 s (4.2-6.3 s of it system time, in the kernel's copy from our buffer), 8-16 MiB
-# 3.8-5.2 s, 4 MiB 2.3-2.5 s (0.9-1.2 s system), 1-2 MiB 2.7-2.8 s (per-block overhead).
+# the CPU caches when the writer thread copies it into the page cache, large enough that per-block overhead
+# does not show (docs/benchmarks.md, "Block size", has the measurements).
 BLOCK_BYTES = 4 * 2**20
-EXACT_METHODS = ("linear", "task_arithmetic", "cat")
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,12 @@ class Dare:
 
 @dataclass(frozen=True)
 class LoraTerm:
-    """w · s · B @ A (transposed for fan_in_fan_out and embeddings); DoRA when ``magnitude`` is set."""
+    """w · s · B @ A (transposed for fan_in_fan_out and embeddings); DoRA when ``magnitude`` is set.
+
+    ``at`` names the tensor whose merge weight w applies (the base weight), resolved at execution."""
 
     source: str
-    weight: float
+    at: str
     a: TensorInfo
     b: TensorInfo
     scale: float
@@ -61,7 +64,7 @@ class FullTerm:
     """w · (M − W): a tensor the adapter replaces (modules_to_save, saved embedding layers)."""
 
     source: str
-    weight: float
+    at: str
     tensor: TensorInfo
     dare: Dare | None = None
 
@@ -72,10 +75,10 @@ class FullTerm:
 
 @dataclass(frozen=True)
 class BiasTerm:
-    """w · s · lora_B.bias (PEFT lora_bias)."""
+    """w · s · lora_B.bias (PEFT lora_bias); weighted like its module's weight (``at``)."""
 
     source: str
-    weight: float
+    at: str
     bias: TensorInfo
     scale: float
     dare: Dare | None = None
@@ -87,25 +90,25 @@ Term = LoraTerm | FullTerm | BiasTerm
 
 @dataclass(frozen=True)
 class Combine:
-    """How the terms of a task combine: the merge method and its parameters (DESIGN.md, merge semantics)."""
+    """How the terms of a task combine: the registered method and the recipe's parameters for it
+    (docs/merge-methods.md). Weights and densities are not here: they are bound at execution."""
 
-    method: str = "linear"
-    rank: int | None = None
-    densities: tuple[tuple[str, float], ...] = ()
-    majority_sign: str = "total"
-    rescale: bool = False
+    method: MergeMethod
+    params: MergeParams
     seed: int = 0
 
-    def density(self, source: str) -> float:
-        return dict(self.densities).get(source, 1.0)
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def rank(self) -> int | None:
+        return self.method.rank_of(self.params)
 
     @property
     def dense(self) -> bool:
         """Element-wise methods need each ΔW_i whole, in fp32."""
-        return self.method in DENSE_METHODS
-
-
-LINEAR = Combine()
+        return self.method.elementwise
 
 
 def term_infos(term: Term) -> list[TensorInfo]:
@@ -124,7 +127,7 @@ class TensorTask:
     base: TensorInfo
     dtype: torch.dtype
     terms: tuple[Term, ...] = ()
-    combine: Combine = LINEAR
+    combine: Combine | None = None  # None: a plain copy (or cast) of the base tensor
     out_name: str | None = None  # name in the output file, when it differs (adapter modules_to_save)
 
     @property
@@ -138,13 +141,18 @@ class TensorTask:
     @property
     def streamed(self) -> bool:
         """True when the task can run block by block (rows independent); else the tensor is done whole."""
-        if self.combine.dense:
+        if not self.terms:
+            return True
+        method = self.combine.method
+        if method.elementwise:
             return False
-        if self.combine.method == "svd" and not all(
-            isinstance(t, LoraTerm) and t.magnitude is None for t in self.terms
-        ):
+        if not method.exact and not self.plain_lora:  # factored methods need plain LoRA factors
             return False
         return all(t.separable for t in self.terms)
+
+    @property
+    def plain_lora(self) -> bool:
+        return all(isinstance(t, LoraTerm) and t.magnitude is None for t in self.terms)
 
     @property
     def block_rows(self) -> int:
@@ -186,7 +194,7 @@ class ModuleTask:
     def exact(self) -> bool:
         """Exact in factored form (rank Σ r_i, nothing dropped)."""
         return (
-            self.combine.method in EXACT_METHODS
+            self.combine.method.exact
             and self.rank >= sum(t.a.shape[0] for t in self.terms)
             and all(t.dare is None for t in self.terms)
         )
@@ -194,7 +202,7 @@ class ModuleTask:
     @property
     def factored(self) -> bool:
         """Computed from the factors alone, without forming the d×k delta."""
-        return not self.combine.dense and all(t.dare is None for t in self.terms)
+        return self.combine.method.factored_form and all(t.dare is None for t in self.terms)
 
     @property
     def out_bytes(self) -> int:
@@ -209,10 +217,7 @@ class ModuleTask:
 
     @property
     def names(self) -> tuple[str, str]:
-        prefix = f"base_model.model.{self.module}."
-        if self.kind == "embedding":
-            return prefix + "lora_embedding_A", prefix + "lora_embedding_B"
-        return prefix + "lora_A.weight", prefix + "lora_B.weight"
+        return factor_names(self.module, self.kind == "embedding")
 
 
 Task = TensorTask | ModuleTask
@@ -222,16 +227,33 @@ Task = TensorTask | ModuleTask
 class Plan:
     """Everything the executor and writer need, and nothing about YAML or the terminal."""
 
-    kind: str  # "model" | "adapter"
-    output: Path
+    kind: str  # the output kind's name: "model" | "adapter" | …
     tasks: tuple[Task, ...]
-    shard_size: int
     base: Checkpoint
-    method: str = "linear"
+    combine: Combine
     sources: dict[str, Adapter] = field(default_factory=dict)
-    copy_files: tuple[Path, ...] = ()
+    shard_size: int = 5 * 10**9
     adapter_config: dict | None = None  # the adapter_config.json to write, for kind adapter
     notes: tuple[str, ...] = ()  # e.g. the extractions that run before this plan
+    # Small independent tasks (adapter modules): computed side by side on every core and kept until the end,
+    # instead of streamed one after the other in row blocks.
+    parallel: bool = False
+
+    @property
+    def tensor_tasks(self) -> list[TensorTask]:
+        return [t for t in self.tasks if isinstance(t, TensorTask)]
+
+    @property
+    def method(self) -> str:
+        return self.combine.name
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.num_layers
+
+    @property
+    def copy_files(self) -> tuple[Path, ...]:
+        return tuple(self.base.copy_files())
 
     @property
     def virtual(self) -> bool:
@@ -260,4 +282,4 @@ class Plan:
     def peak_memory(self) -> int:
         """Estimated working memory beyond the interpreter: the largest task (adapters are also kept whole)."""
         peak = max((task.working_bytes for task in self.tasks), default=0)
-        return peak + (self.bytes_written if self.kind == "adapter" else 0)
+        return peak + (self.bytes_written if self.parallel else 0)  # parallel outputs are kept until the end

@@ -1,7 +1,8 @@
-"""LoRA extraction from a full fine-tune: ΔW = W_ft − W_base per tensor, low-rank factors by (randomized) SVD.
+"""Source kind `extract`: a LoRA extracted from a full fine-tune, ΔW = W_ft − W_base per tensor, low-rank
+factors by (randomized) SVD.
 
-Planning reads headers only (:func:`plan_extraction`); :func:`extract` streams tensor by tensor and writes a
-PEFT adapter whose scale is 1 (lora_alpha = r per module), with √S split over both factors, so that
+Planning reads headers only (:func:`plan_extraction`, once per run: the job is kept in the opened source);
+:func:`extract` streams tensor by tensor and writes a PEFT adapter (through io/peft) whose scale is 1 (lora_alpha = r per module), with √S split over both factors, so that
 B @ A reproduces the rank-k ΔW. Unchanged tensors are skipped; changed embeddings, lm_head and 1-D tensors are
 handled by the options of the source (embedding LoRA, modules_to_save, error or skip).
 """
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 from loracook.errors import BadInput
-from loracook.io.adapter import Adapter, LoraModule
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
+from loracook.io.peft import Adapter, LoraModule, adapter_config, factor_names, save_adapter, saved_name
+from loracook.io.resolve import resolve_path
 from loracook.io.tensors import Readers, TensorInfo
 from loracook.recipe.model import ExtractSpec
 from loracook.threads import map_ordered
@@ -301,17 +303,8 @@ def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read, scratch: 
         generator=tensor_generator(seed, f"extract|{job.source}|{item.name}"),
     )
     del target
-    prefix = f"base_model.model.{module}"
-    if item.role == "embedding":
-        factors = {
-            f"{prefix}.lora_embedding_A": low.A.contiguous(),
-            f"{prefix}.lora_embedding_B": low.B.contiguous(),
-        }
-    else:
-        factors = {
-            f"{prefix}.lora_A.weight": low.A.contiguous(),
-            f"{prefix}.lora_B.weight": low.B.contiguous(),
-        }
+    name_a, name_b = factor_names(module, embedding=item.role == "embedding")
+    factors = {name_a: low.A.contiguous(), name_b: low.B.contiguous()}
     kind = "embedding-lora" if item.role == "embedding" else "lora"
     entry = ExtractedModule(
         item.name, kind, low.B.shape[1], float(low.energy), float(low.rel_err), change, low.method_used
@@ -326,12 +319,10 @@ def _fp32(tensor: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
 def _full(item: ExtractItem, module: str, value: torch.Tensor, change: float) -> _Outcome:
     """The fine-tuned tensor shipped whole (modules_to_save), as an fp32 copy (``value`` may be scratch)."""
     entry = ExtractedModule(item.name, "full", 0, 1.0, 0.0, change)
-    return _Outcome(module, entry, {f"base_model.model.{item.name}": value.to(torch.float32, copy=True)})
+    return _Outcome(module, entry, {saved_name(item.name): value.to(torch.float32, copy=True)})
 
 
 def _finish(job, out, tensors, ranks, saved, report) -> None:
-    from safetensors.torch import save_file
-
     clash = sorted(m for m in saved if m in ranks)
     if clash:
         raise BadInput(
@@ -348,35 +339,17 @@ def _finish(job, out, tensors, ranks, saved, report) -> None:
             fix="check extract.model, or lower extract.tolerance",
         )
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(_config(job, ranks, saved), indent=2) + "\n")
+    config = adapter_config(
+        ranks,
+        target_modules=sorted(ranks) or None,
+        modules_to_save=sorted(saved) or None,
+        base_model=job.config.get("_name_or_path") or None,
+        fan_in_fan_out=job.fan_in_fan_out,
+        default_rank=job.spec.rank,
+        extra={"loracook_extracted_from": str(job.tuned_path)},
+    )
+    save_adapter(out, tensors, config)
     (out / "extract_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-
-
-def _config(job: ExtractJob, ranks: dict[str, int], saved: set[str]) -> dict:
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k)) if counts else job.spec.rank
-    pattern = {m.replace(".", r"\."): k for m, k in ranks.items() if k != r}
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": job.config.get("_name_or_path") or None,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "fan_in_fan_out": job.fan_in_fan_out,
-        "target_modules": sorted(ranks) or None,
-        "modules_to_save": sorted(saved) or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "loracook_extracted_from": str(job.tuned_path),
-    }
 
 
 def estimate_seconds(job: ExtractJob) -> float:
@@ -407,8 +380,7 @@ def virtual_adapter(job: ExtractJob) -> Adapter:
         k = min(job.spec.rank, out_f, in_f)
         module = "lm_head" if item.name == "lm_head.weight" else item.module
         embedding = item.role == "embedding"
-        a_name = f"base_model.model.{module}." + ("lora_embedding_A" if embedding else "lora_A.weight")
-        b_name = f"base_model.model.{module}." + ("lora_embedding_B" if embedding else "lora_B.weight")
+        a_name, b_name = factor_names(module, embedding)
         where = f"<extract {job.source}>"
         modules[module] = LoraModule(
             module=module,
@@ -423,3 +395,46 @@ def virtual_adapter(job: ExtractJob) -> Adapter:
     return Adapter(
         job.tuned_path, job.tuned_path, {"fan_in_fan_out": job.fan_in_fan_out}, modules, virtual=True
     )
+
+
+# ---------------------------------------------------------------------------------------------- the kind
+
+
+class ExtractKind:
+    """`sources.X: {extract: {...}}`: planned from headers as the adapter it will be at most (every candidate
+    module at the maximum rank); made real by running the extraction into a PEFT adapter folder."""
+
+    name = "extract"
+
+    def accepts(self, spec) -> bool:
+        return hasattr(spec, "extract")
+
+    def open(self, name: str, spec, base: Checkpoint, seed: int):
+        from loracook.sources import Source, dare_of
+
+        tuned = resolve_path(spec.extract.model, kind="fine-tune")
+        job = plan_extraction(name, spec.extract, base, tuned)
+        return Source(
+            name,
+            self,
+            spec,
+            virtual_adapter(job),
+            dare_of(spec, seed),
+            inputs=(Path(tuned),),
+            note=describe(job),
+            state=job,
+        )
+
+    def make_real(self, source, work: Path, seed: int, on_task):
+        from loracook.io.peft import open_adapter
+        from loracook.sources import replace
+
+        def progress(done: int, total: int, label: str) -> None:
+            if on_task:
+                on_task(done, total, f"extract {source.name}: {label}")
+
+        report = extract(source.state, work, seed=seed, on_item=progress)
+        return replace(source, adapter=open_adapter(work), report=report)
+
+
+EXTRACT = ExtractKind()
