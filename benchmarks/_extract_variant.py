@@ -9,7 +9,7 @@ Usage: python _extract_variant.py MODE run RECIPE --force      (MODE: nosvd | pl
 
 import sys
 
-import loracook.ops.factored as factored
+import loracook.ops.lowrank as factored
 from loracook import cli
 
 _real = factored.low_rank_dense

@@ -19,6 +19,7 @@ import torch  # noqa: E402, F401
 
 import loracook.engine  # noqa: E402, F401
 import loracook.ops.factored  # noqa: E402, F401
+import loracook.ops.lowrank  # noqa: E402, F401
 import loracook.ops.rng  # noqa: E402, F401
 import loracook.ops.sparsify  # noqa: E402, F401
 import loracook.recipe.load  # noqa: E402, F401

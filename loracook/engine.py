@@ -79,24 +79,24 @@ def run(
         plan = prepared.plan if ready else compile_plan(recipe, prepared.base, sources)
         with OutputFolder(target, force=force) as out:
             memory = kind.memory_sink(plan) if section else None
-            sink = kind.sink(plan, out)
-            report = execute(
-                plan, recipe_values(recipe, plan.base), Tee(sink, memory) if memory else sink, on_task
-            )
+            report = _execute(recipe, plan, kind.sink(plan, out), memory, on_task)
             kind.side_files(plan, out)
             _write_reports(out, report, sources)
             evaluation = None
             if section is not None:
                 evaluation = _evaluate(recipe, plan, kind, tasks, out.tmp, memory, sources, device, on_eval)
-                memory = None  # the merged model held for evaluation
-            out.write_text(
-                "README.md",
-                model_card(plan, kind, recipe.name or target.name, recipe_text, report, evaluation),
-            )
+            card = model_card(plan, kind, recipe.name or target.name, recipe_text, report, evaluation)
+            out.write_text("README.md", card)
             out.write_text("loracook_recipe.yaml", recipe_text)
             out.commit()
     extractions = {n: s.report for n, s in sources.items() if s.report is not None}
     return RunResult(target, plan, report, extractions, evaluation)
+
+
+def _execute(recipe, plan: Plan, sink, memory, on_task: OnTask | None) -> Report:
+    """Execute with the recipe's own weights, into the output's sink (and memory, to evaluate from)."""
+    values = recipe_values(recipe, plan.base)
+    return execute(plan, values, Tee(sink, memory) if memory is not None else sink, on_task)
 
 
 def output_path(recipe, output: Path | None) -> Path:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from loracook.errors import BadInput
-from loracook.io.peft import Adapter, open_adapter
 from loracook.io.checkpoint import open_checkpoint
+from loracook.io.peft import Adapter, open_adapter, read_factors
+from loracook.io.tensors import Readers
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,14 @@ def _decompose(adapter: Adapter) -> Decomposition:
     """Thin SVD of every module's s·B@A from its factors (QR of B and Aᵀ, SVD of the r×r core)."""
     from loracook.ops.factored import factored_svd
 
-    reader = adapter.reader()
+    readers = Readers()
     out: Decomposition = {}
     try:
         for module in adapter.modules.values():
-            a = reader.read(module.a.name).to(torch.float32)
-            b = reader.read(module.b.name).to(torch.float32) * module.scale
+            a, b = read_factors(readers.read, module)
             out[module.module] = factored_svd(b, a)
     finally:
-        reader.close()
+        readers.close()
     return out
 
 

@@ -1,29 +1,42 @@
-"""Pictures of results (matplotlib, imported lazily: `pip install 'loracook[plot]'`)."""
+"""Pictures of results: the one door to matplotlib (imported lazily: `pip install 'loracook[plot]'`).
+
+Every chart loracook draws (inspection, evaluation, search, routing) starts from :func:`new_figure`: an Agg
+figure that needs no display and no pyplot state, with one install hint when matplotlib is missing.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from loracook.errors import BadInput
 
+PLOT_HINT = "pip install 'loracook[plot]'"
 
-def _pyplot():
+
+def new_figure(**kwargs: Any):
+    """A matplotlib Figure on the Agg canvas (``figsize``, ``dpi``, ``layout`` as for Figure)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
-        raise BadInput("plotting needs matplotlib", fix="pip install 'loracook[plot]'") from None
-    return plt
+        raise BadInput("plotting needs matplotlib", fix=PLOT_HINT) from None
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save(figure, path: Path, dpi: int = 130) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
 
 
 def plot_inspection(path: Path, summaries: list, similarity=None) -> Path:
     """Similarity heatmaps (cosine and subspace φ) when there are several adapters, and the spectra."""
-    plt = _pyplot()
     panels = 3 if similarity is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 0.6, 4.6), squeeze=False)
-    axes = axes[0]
+    fig = new_figure(figsize=(5.2 * panels + 0.6, 4.6))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     if similarity is not None:
         for ax, values, title, vmin in (
             (axes[0], similarity.cosine, "cosine similarity of ΔW", -1.0),
@@ -62,7 +75,4 @@ def plot_inspection(path: Path, summaries: list, similarity=None) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from loracook.ops.factored import low_rank_dense
+from loracook.ops.lowrank import low_rank_dense
 
 FAMILIES = ("power", "geometric", "plateaus", "cluster", "two clusters", "low rank + noise")
 

@@ -17,11 +17,11 @@ from loracook.ops.factored import (
     factored_svd,
     frobenius_inner,
     frobenius_norm,
-    low_rank_dense,
     stack_factors,
     subspace_similarity,
     truncate_factors,
 )
+from loracook.ops.lowrank import low_rank_dense
 
 # small tensors: one thread is faster, and immune to a busy machine (fixture in conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -367,7 +367,7 @@ def test_exact_fallback_from_the_gram_matrix_is_the_truncated_svd(shape, r):
     """The fallback uses the eigenvectors of the Gram matrix it built for the check: B A must be the truncated
     SVD (a full SVD in float64 is the reference), for wide and tall matrices, at the rank asked for or at a
     smaller one (what an energy target picks)."""
-    from loracook.ops import factored
+    from loracook.ops import lowrank as factored
 
     M = flat_plus_cluster(*shape, 32, 1.2, seed=45) + with_spectrum(*shape, [9.0, 6.0, 4.0], seed=46)
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
@@ -385,7 +385,7 @@ def test_exact_fallback_from_the_gram_matrix_is_the_truncated_svd(shape, r):
 
 
 def test_exact_fallback_of_a_rank_deficient_matrix():
-    from loracook.ops import factored
+    from loracook.ops import lowrank as factored
 
     M = with_spectrum(60, 90, [3.0, 2.0, 1.0], seed=7)  # rank 3, asked for 8: five zero singular values
     norm2 = float(torch.linalg.matrix_norm(M.double()) ** 2)

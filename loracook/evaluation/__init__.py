@@ -4,11 +4,11 @@ Importing this package is cheap: torch, transformers, PEFT, lm-eval and matplotl
 
     >>> from loracook.evaluation import (EvalOptions, base_candidate, adapter_candidates, evaluate_candidates,
     ...     load_model, resolve_tasks)                                               # doctest: +SKIP
-    >>> tasks = resolve_tasks(["./tasks/"], recipe_dir)          # validates; raises BadInput
-    >>> base = load_model(base_dir)
+    >>> tasks = resolve_tasks(["./tasks/"], recipe_dir)  # validates; raises BadInput  # doctest: +SKIP
+    >>> base = load_model(base_dir)  # doctest: +SKIP
     >>> report = evaluate_candidates([base_candidate(base), *adapter_candidates(base, {"med": med_dir})],
-    ...                              tasks, EvalOptions(limit=20))
-    >>> report.save(out / "eval_results.json"); report.plot(out / "eval_results.png")
+    ...                              tasks, EvalOptions(limit=20))  # doctest: +SKIP
+    >>> report.save(out / "eval_results.json"); report.plot(out / "eval_results.png")  # doctest: +SKIP
 """
 
 from loracook.evaluation.candidates import (

@@ -29,7 +29,6 @@ from loracook.errors import BadInput
 
 SCHEMA = "loracook/eval_results"
 SCHEMA_VERSION = 1
-PLOT_HINT = "pip install 'loracook[plot]'"
 
 
 @dataclass(frozen=True)
@@ -235,19 +234,15 @@ class EvalReport:
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """A PNG with one bar chart per task/metric: a bar per candidate, stderr as error bars."""
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise BadInput("matplotlib is not installed, so no chart can be drawn", fix=PLOT_HINT) from None
+        from loracook.plots import new_figure
+
         if not self.rows:
             raise ValueError("the report has no results to plot")
         names = self.candidate_names
         columns = min(len(self.rows), 3)
         lines = math.ceil(len(self.rows) / columns)
         width = max(3.2, 0.75 * len(names) + 1.2)
-        figure = Figure(figsize=(width * columns, 3.4 * lines + 0.6), dpi=120, layout="constrained")
-        FigureCanvasAgg(figure)
+        figure = new_figure(figsize=(width * columns, 3.4 * lines + 0.6), dpi=120, layout="constrained")
         colors = [f"C{i % 10}" for i in range(len(names))]
         axes = figure.subplots(lines, columns, squeeze=False).ravel()
         for ax, row in zip(axes, self.rows, strict=False):

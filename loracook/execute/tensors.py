@@ -11,6 +11,7 @@ import torch
 
 from loracook.errors import BadInput
 from loracook.execute.executor import ModuleReport, Report
+from loracook.io.peft import read_factors
 from loracook.io.tensors import Readers
 from loracook.methods import DenseInputs
 from loracook.ops.lora import dora_delta, lora_rows
@@ -23,9 +24,7 @@ from loracook.threads import one_thread
 
 def scaled_factors(term: LoraTerm, readers: Readers) -> tuple[torch.Tensor, torch.Tensor]:
     """A and s·B of a LoRA term in fp32 (the merge weight is applied by the caller)."""
-    a = readers.read(term.a).to(torch.float32)
-    b = readers.read(term.b).to(torch.float32) * term.scale
-    return a, b
+    return read_factors(readers.read, term)
 
 
 def _pairs(terms, readers: Readers, values: Values) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
@@ -169,7 +168,7 @@ def whole(task: TensorTask, readers: Readers, values: Values, report: Report) ->
     merged = combine_dense(deltas, task.terms, combine, task.name, values)
     del deltas
     if combine.method.truncates and merged.dim() == 2:
-        from loracook.ops.factored import low_rank_dense
+        from loracook.ops.lowrank import low_rank_dense
 
         low = low_rank_dense(merged, min(combine.rank or min(merged.shape), min(merged.shape)))
         report.modules.append(
@@ -222,38 +221,6 @@ def block_bytes(task: TensorTask) -> int:
     return elements * max(task.base.dtype.itemsize, task.dtype.itemsize)
 
 
-class Buffers:
-    """Reused block buffers: page-faulting fresh 10-100 MB allocations for every block costs more than the
-    math. ``out`` cycles through enough buffers that none is reused while the sink still holds it."""
-
-    def __init__(self, block_bytes: int, in_flight: int) -> None:
-        self.block_bytes = block_bytes
-        self._raw = torch.empty(0, dtype=torch.uint8)
-        self._work = torch.empty(0, dtype=torch.float32)
-        self._outs = [torch.empty(0, dtype=torch.uint8) for _ in range(in_flight + 2)]
-        self._next = 0
-
-    def raw(self) -> torch.Tensor:
-        if self._raw.numel() < self.block_bytes:
-            self._raw = torch.empty(self.block_bytes, dtype=torch.uint8)
-        return self._raw
-
-    def work(self, shape: tuple[int, ...]) -> torch.Tensor:
-        count = 1
-        for d in shape:
-            count *= d
-        if self._work.numel() < count:
-            self._work = torch.empty(count, dtype=torch.float32)
-        return self._work[:count].view(shape)
-
-    def out(self) -> torch.Tensor:
-        index = self._next
-        self._next = (index + 1) % len(self._outs)
-        if self._outs[index].numel() < self.block_bytes:
-            self._outs[index] = torch.empty(self.block_bytes, dtype=torch.uint8)
-        return self._outs[index]
-
-
 # ----------------------------------------------------------------------------------------- adapter modules
 
 
@@ -284,7 +251,7 @@ def _module(task: ModuleTask, readers: Readers, values: Values, report: Report) 
             )
         )
     else:
-        from loracook.ops.factored import low_rank_dense
+        from loracook.ops.lowrank import low_rank_dense
         from loracook.ops.rng import tensor_generator
 
         deltas = []

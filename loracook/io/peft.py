@@ -77,9 +77,6 @@ class Adapter:
     base_layer_copies: frozenset[str] = frozenset()  # adapter tensor names of saved embedding base layers
     virtual: bool = False  # stands for an extraction not yet run (headers only, no file)
 
-    def reader(self) -> TensorReader:
-        return TensorReader.open(self.file)
-
     @property
     def uses_dora(self) -> bool:
         return any(m.magnitude is not None for m in self.modules.values())
@@ -331,3 +328,13 @@ def save_adapter(folder: Path, tensors: dict[str, Any], config: dict[str, Any]) 
 
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(config_text(config), encoding="utf-8")
+
+
+def read_factors(read, lora) -> tuple[Any, Any]:
+    """A and s·B of a LoRA module (a :class:`LoraModule` or a plan term: anything with ``a``, ``b`` and
+    ``scale``) in fp32; ``read`` reads a TensorInfo (``Readers.read``)."""
+    import torch
+
+    a = read(lora.a).to(torch.float32)
+    b = read(lora.b).to(torch.float32) * lora.scale
+    return a, b

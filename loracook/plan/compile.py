@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loracook.errors import BadInput
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
+from loracook.io.names import is_embedding, is_token_embedding
 from loracook.io.peft import Adapter, LoraModule
 from loracook.io.resolve import gguf_to_folder, resolve_path
 from loracook.methods import method_of
@@ -62,10 +63,7 @@ def recipe_values(recipe, base: Checkpoint) -> Values:
 
 
 def embedding_name(base: Checkpoint) -> str | None:
-    for name in base.tensors:
-        if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")):
-            return name
-    return None
+    return next((name for name in base.tensors if is_token_embedding(name)), None)
 
 
 def _target(base: Checkpoint, name: str) -> str | None:
@@ -113,7 +111,9 @@ def collect_terms(base: Checkpoint, sources: dict[str, Source], values: Values) 
                 problems.append((name, f"{tensor} (saved in full) is not in the base"))
             elif base.tensors[target].shape != info.shape:
                 what = (
-                    "vocabulary sizes differ" if "embed" in target or "lm_head" in tensor else "shapes differ"
+                    "vocabulary sizes differ"
+                    if is_embedding(target) or "lm_head" in tensor
+                    else "shapes differ"
                 )
                 problems.append(
                     (

@@ -14,6 +14,7 @@ from typing import Any
 
 from loracook.errors import BadInput
 from loracook.io.checkpoint import layer_index
+from loracook.io.names import is_embedding
 from loracook.recipe.types import FilterRule
 
 WeightSpec = Any  # float | list[float] | list[FilterRule]
@@ -88,7 +89,7 @@ def weight_for(spec: float | list, name: str, num_layers: int, source: str) -> f
     values = [float(v) for v in spec]
     layer = layer_index(name)
     if layer is None:
-        return values[0] if "embed" in name or "wte" in name or "wpe" in name else values[-1]
+        return values[0] if is_embedding(name) else values[-1]
     if len(values) == 1:
         return values[0]
     if len(values) == num_layers:

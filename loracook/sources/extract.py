@@ -10,7 +10,6 @@ handled by the options of the source (embedding LoRA, modules_to_save, error or 
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 from collections import Counter
@@ -21,14 +20,15 @@ from pathlib import Path
 import torch
 
 from loracook.errors import BadInput
+from loracook.execute.scratch import Scratch
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
+from loracook.io.names import is_embedding, is_token_embedding
 from loracook.io.peft import Adapter, LoraModule, adapter_config, factor_names, save_adapter, saved_name
 from loracook.io.resolve import resolve_path
 from loracook.io.tensors import Readers, TensorInfo
 from loracook.recipe.model import ExtractSpec
 from loracook.threads import map_ordered
 
-_EMBEDDING = re.compile(r"(embed_tokens|wte|wpe|word_embeddings)\.weight$")
 _CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
 # The randomized SVD's factors are accepted within 0.5% of the optimal rank-k error (check: exact), or once
 # the block Krylov iteration gains less than 0.5% per step (check: estimate), so an extraction stays within 1%
@@ -121,7 +121,7 @@ def plan_extraction(source: str, spec: ExtractSpec, base: Checkpoint, tuned_path
     items: list[ExtractItem] = []
     include = [re.compile(p) for p in spec.include or []]
     exclude = [re.compile(p) for p in spec.exclude]
-    embedding = next((n for n in base.tensors if _EMBEDDING.search(n) and "wpe" not in n), None)
+    embedding = next((n for n in base.tensors if is_token_embedding(n)), None)
     for name, info in sorted(base.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset or 0)):
         other = tuned.tensors.get(name)
         if other is None:
@@ -167,7 +167,7 @@ def _role(name: str, info: TensorInfo) -> str | None:
         return "vector"
     if len(info.shape) != 2:
         return None
-    if _EMBEDDING.search(name):
+    if is_embedding(name):
         return "embedding"
     if name == "lm_head.weight":
         return "lm_head"
@@ -218,31 +218,19 @@ class _Outcome:
         return self.entry.kind
 
 
-class _Scratch(threading.local):
+class _Scratch(threading.local, Scratch):
     """Buffers of one worker thread, reused from tensor to tensor: the raw bytes of both tensors, the fp32
-    base and ΔW. A fresh 30–130 MB tensor per module costs a page fault per 4 KiB page on its first touch
-    (measured on the 1.5B model, a pass without the SVDs: 10.7 s of system time against 3.4 s of user
-    time). Buffers above ``LIMIT`` bytes (embeddings) are not kept: those tensors get fresh memory, so the
-    buffers stay at the size of the largest linear layer. The raw bytes are kept only up to ``RAW_LIMIT``:
-    raw buffers for the 32 MiB bf16 tensors of the 1.5B model too measured no faster (15.6 s against 14.8 s)
-    and held 0.08 GiB more."""
+    base and ΔW. A fresh tensor of tens of MB per module costs a page fault per 4 KiB page on its first
+    touch, which showed as system time larger than the math. Buffers above ``LIMIT`` bytes (embeddings) are
+    not kept: those tensors get fresh memory, so the buffers stay at the size of the largest linear layer.
+    The raw bytes are kept only up to ``RAW_LIMIT``: larger raw buffers measured no faster and held more
+    (docs/benchmarks.md, "Extraction scratch buffers", has the figures)."""
 
     LIMIT = 64 << 20  # bytes: 2048 × 8192 in fp32
     RAW_LIMIT = 16 << 20
 
     def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(
-        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, limit: int = LIMIT
-    ) -> torch.Tensor | None:
-        numel = math.prod(shape)
-        if numel * dtype.itemsize > limit:
-            return None
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = self.buffers[key] = torch.empty(numel, dtype=dtype)
-        return buffer[:numel].view(shape)
+        Scratch.__init__(self, self.LIMIT)
 
     def raw(self, key: str, info: TensorInfo) -> torch.Tensor | None:
         """A uint8 buffer for ``TensorReader.read(into=...)``."""
@@ -252,7 +240,7 @@ class _Scratch(threading.local):
 def _extract_item(job: ExtractJob, item: ExtractItem, seed: int, read, scratch: _Scratch) -> _Outcome:
     """ΔW of one tensor, and what becomes of it (runs on a worker thread). Everything that leaves this
     function is a copy: ``w``, ``w_ft``, the fp32 base and ΔW live in the worker's scratch buffers."""
-    from loracook.ops.factored import low_rank_dense
+    from loracook.ops.lowrank import low_rank_dense
     from loracook.ops.rng import tensor_generator
 
     spec = job.spec
