@@ -74,6 +74,35 @@ def wait_quiet(max_load: float = 1.0, poll: float = 20.0, enabled: bool = True, 
     return waited
 
 
+# Runs the loracook source tree given as the first argument instead of the installed one (the editable
+# install's finder is removed), so an earlier commit can be measured side by side with the working tree.
+_AT_ROOT = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+    "sys.path.insert(0, sys.argv.pop(1)); from loracook.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def code_root(ref: str) -> Path:
+    """A git worktree of ``ref`` (a commit, tag or branch) under the benchmarks' work folder."""
+    repo = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    root = WORK_DIR / f"loracook-{sha[:12]}"
+    if not (root / "loracook").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(root), sha], cwd=repo, check=True)
+    return root
+
+
+def loracook_at(root: Path) -> list[str]:
+    """The command prefix that runs loracook's CLI from the source tree ``root``."""
+    return [sys.executable, "-c", _AT_ROOT, str(root)]
+
+
 def loracook_exe() -> str:
     cand = Path(sys.executable).parent / "loracook"
     if cand.exists():

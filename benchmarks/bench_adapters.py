@@ -35,7 +35,8 @@ import common  # noqa: E402
 from common import WORK_DIR  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-CONTENDERS = ["loracook-svd", "peft-svd", "loracook-linear", "peft-linear"]
+CONTENDERS = ["loracook-svd", "peft-svd", "loracook-linear", "peft-linear", "base-svd", "base-linear"]
+BASELINE: dict[str, Path] = {}  # "root": the source tree of --baseline REF, for the base-* contenders
 WEIGHTS = [0.9, 0.5, 0.7, 0.3, 0.8, 0.4, 0.6, 0.2]  # first N are used
 RANK = 16
 SEED0 = 100
@@ -78,9 +79,17 @@ def _recipe(w: dict, method: str, rank: int | None, out: Path) -> Path:
 def command(w: dict, contender: str) -> tuple[list[str], Path]:
     tool, method = contender.split("-")
     out = w["dir"] / f"out-{contender}"
-    if tool == "loracook":
+    if tool in ("loracook", "base"):  # base: the --baseline commit's loracook on the same recipe
         recipe = _recipe(w, method, RANK if method == "svd" else None, out)
-        return [sys.executable, str(BENCH_DIR / "_loracook_timed.py"), "run", str(recipe), "--force"], out
+        root = ["--code-root", str(BASELINE["root"])] if tool == "base" else []
+        return [
+            sys.executable,
+            str(BENCH_DIR / "_loracook_timed.py"),
+            *root,
+            "run",
+            str(recipe),
+            "--force",
+        ], out
     rank = str(RANK) if method == "svd" else "none"
     pairs = [f"{p}:{x}" for p, x in zip(w["adapters"], w["weights"])]
     cmd = [
@@ -215,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine (smoke tests)")
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--baseline", metavar="REF", help="also run this commit's loracook (contenders base-*)")
     args = ap.parse_args(argv)
     contenders = bu.parse_contenders(ap, args.only, CONTENDERS)
+    if args.baseline:
+        BASELINE["root"] = bu.code_root(args.baseline)
+    elif any(c.startswith("base-") for c in contenders):
+        contenders = [c for c in contenders if not c.startswith("base-")]
     quiet = not args.no_wait
     logs = WORK_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)

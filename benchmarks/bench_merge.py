@@ -34,7 +34,8 @@ import common  # noqa: E402
 from common import WORK_DIR, GiB  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-CONTENDERS = ["loracook", "mergekit", "peft", "io_floor"]
+CONTENDERS = ["loracook", "loracook-base", "mergekit", "peft", "io_floor"]
+BASELINE: dict[str, Path] = {}  # "root": the source tree of --baseline REF, for the loracook-base contender
 WORKS = ["smollm2", "synthetic"]
 MERGEKIT_VENV = BENCH_DIR / ".venv-mergekit"
 
@@ -77,6 +78,17 @@ def prepare_work(name: str) -> dict:
 
 def _bytes_per(dtype: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def cmd_loracook_base(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
+    """The same recipe run by the --baseline commit's loracook (output in its own folder)."""
+    cmd, env, out, _ = cmd_loracook(w)
+    recipe = Path(cmd[2])
+    base_out = w["dir"] / "out-loracook-base"
+    text = recipe.read_text().replace(f"path: {out}", f"path: {base_out}")
+    base_recipe = w["dir"] / "recipe-base.yaml"
+    base_recipe.write_text(text)
+    return [*bu.loracook_at(BASELINE["root"]), "run", str(base_recipe), "--force"], env, base_out, [base_out]
 
 
 def cmd_loracook(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
@@ -146,11 +158,19 @@ def cmd_io_floor(w: dict) -> tuple[list[str], dict, Path, list[Path]]:
     return [sys.executable, str(BENCH_DIR / "io_floor.py"), str(w["base"]), str(out)], bu.env(), out, [out]
 
 
-COMMANDS = {"loracook": cmd_loracook, "mergekit": cmd_mergekit, "peft": cmd_peft, "io_floor": cmd_io_floor}
+COMMANDS = {
+    "loracook": cmd_loracook,
+    "loracook-base": cmd_loracook_base,
+    "mergekit": cmd_mergekit,
+    "peft": cmd_peft,
+    "io_floor": cmd_io_floor,
+}
 
 
 def available(contender: str) -> str | None:
     """None if the contender can run, else why not."""
+    if contender == "loracook-base" and "root" not in BASELINE:
+        return "no --baseline REF given"
     if contender == "mergekit" and not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists():
         return f"{MERGEKIT_VENV}/bin/mergekit-yaml missing (see benchmarks/README.md)"
     if contender == "loracook":
@@ -463,9 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--keep-outputs", action="store_true", help="keep merged models under benchmarks/.work/runs"
     )
+    ap.add_argument(
+        "--baseline", metavar="REF", help="also run this commit's loracook (contender loracook-base)"
+    )
     args = ap.parse_args(argv)
 
     contenders = bu.parse_contenders(ap, args.only, CONTENDERS)
+    if args.baseline:
+        BASELINE["root"] = bu.code_root(args.baseline)
     works = WORKS if args.work == "all" else [args.work]
 
     skip = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from loracook import methods
 from loracook.recipe.types import (
@@ -118,7 +118,7 @@ Source = Annotated[
 
 
 class Output(Strict):
-    kind: Literal["adapter", "model"] = "adapter"
+    kind: Literal["adapter", "model", "router"] = "adapter"
     path: PathStr | None = Field(None, description="output folder; `loracook run --output` overrides it")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto keeps the base dtype for models and writes float32 adapters"
@@ -138,25 +138,103 @@ class Evaluate(Strict):
     @field_validator("tasks")
     @classmethod
     def _resolve_task_paths(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
-        """Task files and folders resolve against the recipe's folder, like every other path; names stay."""
-        root = (info.context or {}).get("root")
-        if root is None:
-            return tasks
-        resolved = []
-        for spec in tasks:
-            path = Path(root) / Path(spec).expanduser()
-            looks_like_path = "/" in spec or spec.endswith((".yaml", ".yml")) or spec.startswith(".")
-            resolved.append(
-                str(path.resolve()) if spec.strip() and (path.exists() or looks_like_path) else spec
+        return _task_paths(tasks, info)
+
+
+def _task_paths(tasks: list[str], info: ValidationInfo) -> list[str]:
+    """Task files and folders resolve against the recipe's folder, like every other path; names stay."""
+    root = (info.context or {}).get("root")
+    if root is None:
+        return tasks
+    resolved = []
+    for spec in tasks:
+        path = Path(root) / Path(spec).expanduser()
+        looks_like_path = "/" in spec or spec.endswith((".yaml", ".yml")) or spec.startswith(".")
+        resolved.append(str(path.resolve()) if spec.strip() and (path.exists() or looks_like_path) else spec)
+    return resolved
+
+
+class Objective(Strict):
+    """What a search candidate is scored on: few-shot examples (LoraHub's loss) or lm-eval tasks."""
+
+    examples: PathStr | None = Field(
+        None, description='JSONL of {"input": ..., "output": ...}: mean cross-entropy of the output tokens'
+    )
+    tasks: list[str] | None = Field(
+        None, description="lm-eval task names or YAML files: each task's primary metric is one objective"
+    )
+    limit: int | None = Field(None, gt=0, description="examples (or items per task) to score on")
+    chat_template: bool = Field(False, description="format each input with the tokenizer's chat template")
+    split: str = Field("validation", description="tasks: the split to score on (never the test split)")
+    allow_test_split: bool = Field(
+        False, description="tasks: allow scoring on the test split (then the test scores are not held out)"
+    )
+    batch_size: int = Field(16, gt=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _resolve_task_paths(cls, tasks: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if tasks is None else _task_paths(tasks, info)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Objective:
+        if (self.examples is None) == (self.tasks is None):
+            raise ValueError("give exactly one of `examples` (a JSONL file) and `tasks` (lm-eval tasks)")
+        return self
+
+
+class SearchSpace(Strict):
+    weights: tuple[Number, Number] = Field((-1.5, 1.5), description="bounds of every searched weight")
+    per: Literal["source", "layer_group"] = Field("source", description="one weight per source, or per group")
+    layer_groups: int = Field(4, gt=0, description="with per: layer_group, consecutive groups of layers")
+    density: tuple[Number, Number] | None = Field(
+        None, description="ties/dare family: also search each source's density within these bounds"
+    )
+
+    @field_validator("weights", "density")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float] | None, info: ValidationInfo) -> tuple[float, float] | None:
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(
+                f"bounds {list(bounds)} are reversed or empty; write [low, high] with low < high"
             )
-        return resolved
+        if bounds is not None and info.field_name == "density" and not (0 < bounds[0] and bounds[1] <= 1):
+            raise ValueError(f"density bounds {list(bounds)} must lie in (0, 1]")
+        return bounds
 
 
 class Search(Strict):
-    examples: PathStr
-    budget: int = Field(40, gt=0)
-    bounds: tuple[Number, Number] = (-1.5, 1.5)
-    l1: float = Field(0.05, ge=0.0)
+    """A gradient-free search of merge.weights (Optuna) before the merge is written (docs/search.md)."""
+
+    objective: Objective
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    l1: float = Field(0.05, ge=0.0, description="+ l1 · mean|w| (LoraHub)")
+    budget: int = Field(40, gt=0, description="trials")
+    sampler: Literal["tpe", "cmaes", "random", "nsga2"] = "tpe"
+    seed: int = 0
+    workers: int = Field(1, gt=0, description="processes sharing the study storage")
+    storage: str | None = Field(
+        None, description="default: an Optuna journal file in <output>/search/; or an RDB URL"
+    )
+    select: Literal["worst", "mean"] = Field(
+        "worst",
+        description="several objectives: the written result maximises the worst task score (or the mean)",
+    )
+
+
+class Route(Strict):
+    """A router instead of a merge (output.kind: router; docs/routing.md)."""
+
+    method: Literal["centroid", "gate", "arrow"] = "centroid"
+    exemplars: dict[SourceName, PathStr] = Field(
+        default_factory=dict, description='centroid/gate: {"prompt": ...} lines per source'
+    )
+    top_k: int | None = Field(None, gt=0, description="keep the k best sources per input (all when unset)")
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature")
+    layer: int | None = Field(
+        None, description="centroid/gate: hidden-state layer to embed prompts at (default: the middle layer)"
+    )
+    seed: int = 0
 
 
 # -------------------------------------------------------------------------------------------------- recipe
@@ -182,6 +260,7 @@ class Recipe(Strict):
     output: Output = Field(default_factory=Output)
     evaluate: Evaluate | None = None
     search: Search | None = None
+    route: Route | None = None
 
     @property
     def base_spec(self) -> BaseSpec:
