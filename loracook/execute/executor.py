@@ -53,7 +53,8 @@ def execute(plan: Plan, values: Values, sink: Sink, on_task: OnTask | None = Non
     >>> sink = MemorySink(); execute(plan, Values({"a": 0.5}), sink)  # doctest: +SKIP
     >>> sink.tensors["model.layers.0.self_attn.q_proj.weight"]  # doctest: +SKIP
     """
-    from loracook.execute.tensors import Buffers, block_bytes, module_task, tensor_task
+    from loracook.execute.scratch import Buffers
+    from loracook.execute.tensors import block_bytes, module_task, tensor_task
 
     values.check()
     readers, report = Readers({}, _last_use(plan)), Report()

@@ -127,7 +127,8 @@ def _low_rank_first(task: TensorTask, readers, values, report: Report) -> list |
     pairs = _pairs(task.terms, readers, values)
     total = sum(b.shape[1] for _, b, _ in pairs)
     rank = min(task.combine.rank or total, total)
-    result = task.combine.method.factored(pairs, rank, task.combine.params)
+    inputs = dense_inputs(task.terms, task.combine, task.name, values)
+    result = task.combine.method.factored(pairs, rank, task.combine.params, inputs)
     report.modules.append(
         ModuleReport(
             task.name,
@@ -178,15 +179,20 @@ def whole(task: TensorTask, readers: Readers, values: Values, report: Report) ->
     return base + merged
 
 
-def combine_dense(deltas: list[torch.Tensor], terms, combine, name: str, values: Values) -> torch.Tensor:
-    """The method's combination of whole per-source deltas; random masks are seeded by tensor and source."""
-    inputs = DenseInputs(
+def dense_inputs(terms, combine, name: str, values: Values) -> DenseInputs:
+    """The bound weights and densities of a task's terms; random masks are seeded by tensor and source."""
+    return DenseInputs(
         weights=[values.weight(t.source, t.at) for t in terms],
         densities=[values.density(t.source) for t in terms],
         names=[f"{name}|{t.source}" for t in terms],
         seed=combine.seed,
+        sources=[t.source for t in terms],
     )
-    return combine.method.dense(deltas, inputs, combine.params)
+
+
+def combine_dense(deltas: list[torch.Tensor], terms, combine, name: str, values: Values) -> torch.Tensor:
+    """The method's combination of whole per-source deltas."""
+    return combine.method.dense(deltas, dense_inputs(terms, combine, name, values), combine.params)
 
 
 def _dense_delta(term: Term, base: torch.Tensor, readers: Readers, name: str) -> torch.Tensor:
@@ -239,7 +245,8 @@ def _module(task: ModuleTask, readers: Readers, values: Values, report: Report) 
     name_a, name_b = task.names
     method = task.combine.method
     if task.factored:
-        result = method.factored(_pairs(task.terms, readers, values), task.rank, task.combine.params)
+        inputs = dense_inputs(task.terms, task.combine, f"{task.module}.weight", values)
+        result = method.factored(_pairs(task.terms, readers, values), task.rank, task.combine.params, inputs)
         b, a = result.B, result.A
         report.modules.append(
             ModuleReport(

@@ -14,10 +14,15 @@ True
 from __future__ import annotations
 
 from loracook.methods.base import DenseInputs, Factors, MergeMethod
+from loracook.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from loracook.methods.cat import Cat
+from loracook.methods.core_space import CoreSpace
+from loracook.methods.della import Della, DellaLinear
+from loracook.methods.knots import Knots
 from loracook.methods.linear import Linear, TaskArithmetic
 from loracook.methods.sparsify import DareLinear, DareTies, MagnitudePrune, Ties
 from loracook.methods.svd import Svd
+from loracook.methods.tsv import Tsv
 
 BUILTIN: tuple[type[MergeMethod], ...] = (
     Linear,
@@ -28,6 +33,13 @@ BUILTIN: tuple[type[MergeMethod], ...] = (
     DareLinear,
     DareTies,
     MagnitudePrune,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
+    Knots,
+    CoreSpace,
+    Tsv,
 )
 
 _REGISTRY: dict[str, MergeMethod] = {cls.name: cls() for cls in BUILTIN}

@@ -44,6 +44,7 @@ class DenseInputs:
     densities: Sequence[float]
     names: Sequence[str]  # "<tensor>|<source>": seeds each source's random mask reproducibly
     seed: int = 0
+    sources: Sequence[str] = ()  # the source of each term, in order
 
 
 class MergeMethod:
@@ -57,17 +58,24 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False  # needs each ΔW_i whole: an adapter output recompresses to merge.rank
     truncates: ClassVar[bool] = False  # the result is a best rank-`merge.rank` approximation
     factored_form: ClassVar[bool] = False  # ``factored`` is implemented
+    dense_form: ClassVar[bool] = True  # ``dense`` is implemented (else only plain LoRA sources apply)
     density: ClassVar[bool] = False  # takes `merge.density` (bound per source at run time)
 
     def dense(self, deltas: Sequence[Tensor], inputs: DenseInputs, params: MergeParams) -> Tensor:
         """Combine whole fp32 deltas of one tensor."""
         raise NotImplementedError(f"{self.name} has no dense form")
 
-    def factored(self, pairs: Sequence[Pair], rank: int, params: MergeParams) -> Factors:
-        """Combine the factors of one module into factors of rank ≤ ``rank``."""
+    def factored(self, pairs: Sequence[Pair], rank: int, params: MergeParams, inputs: DenseInputs) -> Factors:
+        """Combine the factors of one module into factors of rank ≤ ``rank`` (``inputs``: the bound
+        densities and RNG names, for methods that merge element-wise in an aligned space)."""
         raise NotImplementedError(f"{self.name} has no factored form")
 
     # ------------------------------------------------------------------------------------------ planning
+
+    def check_terms(self, params: MergeParams, terms: Sequence[Any]) -> str | None:
+        """A problem with one module's terms (plan terms: ``source``, ``a``, ``b``), or None. Called by the
+        planner for every module, so a bad option fails before any tensor is read."""
+        return None
 
     def rank_of(self, params: MergeParams) -> int | None:
         return getattr(params, "rank", None)

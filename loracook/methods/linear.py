@@ -38,7 +38,7 @@ class Linear(MergeMethod):
     def dense(self, deltas, inputs, params):
         return weighted_sum(deltas, inputs.weights)
 
-    def factored(self, pairs, rank, params) -> Factors:
+    def factored(self, pairs, rank, params, inputs) -> Factors:
         B, A = stacked(pairs)
         if rank >= B.shape[1]:
             return Factors(B, A, 0.0, 0.0, "exact")

@@ -33,6 +33,6 @@ class Svd(MergeMethod):
     def dense(self, deltas, inputs, params):
         return weighted_sum(deltas, inputs.weights)
 
-    def factored(self, pairs, rank, params) -> Factors:
+    def factored(self, pairs, rank, params, inputs) -> Factors:
         B, A = stacked(pairs)
         return truncated(B, A, rank)

@@ -6,6 +6,7 @@ decide ranks (loracook/methods). Weights are not read here: they are bound when 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from loracook.errors import BadInput
@@ -47,9 +48,35 @@ def compile_plan(recipe, base: Checkpoint, sources: dict[str, Source]) -> Plan:
     values.check()
     adapters = {name: s.adapter for name, s in sources.items()}
     terms = collect_terms(base, sources, values)
+    _check_method_fits(combine, terms)
     plan = kind.plan(recipe, base, adapters, terms, combine)
     notes = tuple(s.note for s in sources.values() if s.note and not s.ready)
-    return Plan(**{**plan.__dict__, "notes": notes})
+    return replace(plan, notes=plan.notes + notes)  # replace keeps an output kind's Plan subclass
+
+
+def _check_method_fits(combine: Combine, terms: dict[str, list[Term]]) -> None:
+    """Methods that work on LoRA factors only refuse what has none; a method's own per-module checks."""
+    method = combine.method
+    for target, found in terms.items():
+        if not method.dense_form:
+            odd = next((t for t in found if not isinstance(t, LoraTerm) or t.magnitude or t.dare), None)
+            if odd is not None:
+                what = (
+                    "DARE pre-processing"
+                    if getattr(odd, "dare", None)
+                    else "DoRA"
+                    if getattr(odd, "magnitude", None)
+                    else "a tensor saved in full (modules_to_save) or a LoRA bias"
+                )
+                raise BadInput(
+                    f"method {method.name} works on plain LoRA factors, but source {odd.source!r} brings {what} "
+                    f"for {target}",
+                    loc=("merge", "method"),
+                    fix="use a method that merges dense deltas (e.g. ties), or drop that part of the source",
+                )
+        problem = method.check_terms(combine.params, [t for t in found if isinstance(t, LoraTerm)])
+        if problem:
+            raise BadInput(problem, loc=("merge",))
 
 
 def recipe_values(recipe, base: Checkpoint) -> Values:
