@@ -23,6 +23,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="loracook",
@@ -36,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", type=Path, help="output folder (overrides output.path)")
     run.add_argument("--force", action="store_true", help="replace an existing output")
     run.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu", help="device for the math (default cpu)"
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="device for evaluation and the search's forward passes (default cpu); the merge math streams on "
+        "the CPU",
     )
     run.add_argument("--no-eval", action="store_true", help="skip the evaluate section")
     run.add_argument("--seed", type=int, help="override merge.seed")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true", help="continue a stopped search (the recipe's search:)")
 
     validate = sub.add_parser("validate", help="check recipes (schema and semantics, file headers only)")
     validate.add_argument("recipes", type=Path, nargs="+")
@@ -69,13 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--base", type=Path, help="base model folder for an adapter (default: its config's)"
     )
-    evaluate.add_argument("--limit", type=float, help="examples per task (a number, or a share below 1)")
+    evaluate.add_argument(
+        "--limit", type=_positive_number, help="examples per task (a number, or a share below 1)"
+    )
     evaluate.add_argument("--num-fewshot", type=int)
     evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     evaluate.add_argument("--apply-chat-template", action="store_true")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--report-dir", type=Path, help="where eval_results.json/.png go (default: MODEL)")
+    _add_search_worker(sub)
+    _add_routing_parsers(sub)
     return parser
 
 
@@ -88,15 +107,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": _cmd_schema,
         "inspect": _cmd_inspect,
         "eval": _cmd_eval,
+        "generate": _cmd_generate,
+        "route": _cmd_route,
+        "search-worker": _cmd_search_worker,
     }[args.command]
-    try:
-        return handler(args)
-    except BadInput as error:
-        _print_error(error)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("loracook: interrupted", file=sys.stderr)
-        return 130
+    from loracook.io.signals import Terminated, handling_signals
+
+    with handling_signals():  # SIGTERM/SIGHUP unwind like Ctrl-C; a write past `ulimit -f` fails with EFBIG
+        try:
+            return handler(args)
+        except BadInput as error:
+            _print_error(error)
+            return EXIT_BAD_INPUT
+        except (KeyboardInterrupt, Terminated) as stop:
+            return _stopped(stop)
+        except OSError as error:
+            return _environment_error(error)
+
+
+def _stopped(stop: BaseException) -> int:
+    """Ctrl-C (130) or SIGTERM/SIGHUP (128 + signal): the ``with`` blocks have removed their temporary folders
+    while unwinding; the registered cleanups catch anything a second signal interrupted. One line, no traceback."""
+    from loracook.io.signals import Terminated, run_cleanups
+
+    run_cleanups()
+    if isinstance(stop, Terminated):
+        print(f"loracook: stopped by {stop.name}; its temporary files were removed", file=sys.stderr)
+        return stop.exit_code
+    print("loracook: interrupted", file=sys.stderr)
+    return 130
+
+
+def _environment_error(error: OSError) -> int:
+    """Permissions, a full disk, the file-size limit, a read-only disk, a vanished path: one line with the
+    path and the fix (exit 2). Any other OSError is a bug and keeps its traceback."""
+    from loracook.errors import os_error_line
+    from loracook.io.signals import run_cleanups
+
+    line = os_error_line(error)
+    if line is None:
+        raise error
+    run_cleanups()
+    print(f"error: {line}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def _print_error(error: BadInput) -> None:
@@ -110,6 +163,17 @@ def _console():
 
 
 # ------------------------------------------------------------------------------------------------ commands
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a CUDA device where there is none, before any work (instead of failing deep inside)."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BadInput(
+                f"--device {device}: CUDA is not available on this machine", fix="use --device cpu"
+            )
 
 
 def _load(path: Path, seed: int | None = None):
@@ -173,6 +237,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from loracook import engine
 
     loaded = _load(args.recipe, args.seed)
+    _check_device(args.device)
     console = _console()
     quiet = args.quiet or (not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1")
     if loaded.recipe.evaluate is not None and not args.no_eval:
@@ -188,6 +253,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 evaluate=not args.no_eval,
                 device=args.device,
                 on_eval=_eval_printer(console),
+                recipe_file=loaded.file,
+                resume=args.resume,
+                on_search=_search_bar(console, quiet, args.recipe, loaded.recipe.search),
             )
     except BadInput as error:
         raise loaded.locate(error) from None
@@ -251,6 +319,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from loracook.evaluation import EvalOptions, evaluate_candidates, path_candidate, resolve_tasks
 
     _quiet_lm_eval()
+    _check_device(args.device)
     if not args.model.exists():
         raise BadInput("no such model or adapter folder", file=args.model)
     tasks = resolve_tasks(args.tasks, Path.cwd(), loc=("tasks",))
@@ -508,6 +577,165 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if not self.quiet:
             self.bar.stop()
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def _add_search_worker(sub) -> None:
+    worker = sub.add_parser(
+        "search-worker", help="join a running search (the recipe's study storage) as one more worker"
+    )
+    worker.add_argument("recipe", type=Path)
+    worker.add_argument("--output", "-o", type=Path, help="the output folder of the search's run")
+    worker.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    worker.add_argument("--seed", type=int, help="override merge.seed (as the run did)")
+    worker.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _cmd_search_worker(args: argparse.Namespace) -> int:
+    from loracook.engine import output_path
+    from loracook.search import join_search
+
+    loaded = _load(args.recipe, args.seed)
+    console = _console()
+    quiet = args.quiet or (not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1")
+    try:
+        if loaded.recipe.search is None:
+            raise BadInput(
+                "the recipe has no `search:` section", loc=("search",), fix="add one (docs/search.md)"
+            )
+        bar = _search_bar(console, quiet, args.recipe, loaded.recipe.search)
+        try:
+            target = output_path(loaded.recipe, args.output)
+            mine = join_search(loaded.recipe, target, device=args.device, on_event=bar)
+        finally:
+            bar.close()
+    except BadInput as error:
+        raise loaded.locate(error) from None
+    console.print(f"this worker finished {mine} trial(s); the study has its budget")
+    return EXIT_OK
+
+
+class _search_bar:
+    """The search's rich bar (trials done, best so far, ETA), fed by the engine's SearchEvent callback."""
+
+    def __init__(self, console, quiet: bool, recipe: Path, search=None) -> None:
+        self.console, self.quiet, self.recipe, self.bar = console, quiet, recipe, None
+        if search is not None:
+            _quiet_lm_eval()  # a tasks objective runs lm-eval once per trial; the bar reports instead
+
+    def __call__(self, event) -> None:
+        if event.kind == "stopping":
+            self._print("stopping after the running trial (Ctrl-C again to stop at once)…")
+        elif event.kind == "stopped":
+            self.close()
+            self._print(
+                f"search stopped after {event.done} of {event.budget} trials (kept in {event.where}); "
+                f"resume with: loracook run {self.recipe} --resume"
+            )
+            return
+        if event.kind == "aborted":
+            self.close()
+            return
+        best = "-" if event.best is None else f"{event.best:.4g}"
+        if not self.quiet and self.bar is None and event.kind != "done":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]searching"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=event.budget)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=event.done, description=f"best {event.label} {best}")
+        if event.kind == "done":
+            self.close()
+            self._print(f"search: {event.done} trials, best {event.label} {best}")
+
+    def _print(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def _add_routing_parsers(sub) -> None:
+    """`generate` and `route` (docs/routing.md)."""
+    generate = sub.add_parser("generate", help="generate text with a router (each prompt routed) or a model")
+    generate.add_argument("model", type=Path, help="a router folder, a model folder or a PEFT adapter folder")
+    generate.add_argument("prompt", nargs="?", help="the prompt (or --file)")
+    generate.add_argument("--file", type=Path, help='JSONL of {"prompt": ...} lines: completions as JSONL')
+    generate.add_argument(
+        "--explain", action="store_true", help="show the weight the router gives each source"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--base", type=Path, help="base model folder (default: the one the folder names)")
+    generate.add_argument("--device", default="cpu")
+    route = sub.add_parser("route", help="route prompts: JSONL of each source's weight and the top-1 adapter")
+    route.add_argument("router", type=Path, help="a router folder")
+    route.add_argument("--file", type=Path, required=True, help='JSONL of {"prompt": ...} lines')
+    route.add_argument("--output", "-o", type=Path, help="write the JSONL here instead of stdout")
+    route.add_argument("--batch-size", type=int, default=16)
+    route.add_argument("--base", type=Path, help="base model folder (default: the one router.json names)")
+    route.add_argument("--device", default="cpu")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from loracook.routing.commands import generate
+
+    if (args.prompt is None) == (args.file is None):
+        raise BadInput("give a prompt or --file (one of the two)", fix='loracook generate PATH "prompt"')
+    results = generate(
+        args.model,
+        [args.prompt] if args.file is None else None,
+        file=args.file,
+        explain=args.explain,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        base=args.base,
+        device=args.device,
+    )
+    if args.file is not None:
+        for row in results:
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        return EXIT_OK
+    row = results[0]
+    if args.explain:
+        weights = ", ".join(f"{name} {w:.3f}" for name, w in row["weights"].items())
+        print(f"routing: {weights} (top-1: {row['top']})")
+    print(row["completion"])
+    return EXIT_OK
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    from loracook.routing.commands import route
+
+    lines = route(args.router, args.file, batch_size=args.batch_size, base=args.base, device=args.device)
+    if args.output is None:
+        for line in lines:
+            print(line, flush=True)
+        return EXIT_OK
+    try:
+        args.output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"cannot write the routes: {exc.strerror or exc}", file=args.output) from None
+    _console().print(f"[green]wrote[/green] {args.output} ({len(lines)} prompts)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

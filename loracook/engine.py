@@ -7,7 +7,6 @@ execute it into the output kind's sink → side files and reports → evaluate �
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from loracook.errors import BadInput
 from loracook.execute.executor import OnTask, Report, execute
 from loracook.execute.sinks import Tee
 from loracook.io.checkpoint import Checkpoint
-from loracook.io.writer import OutputFolder
+from loracook.io.writer import OutputFolder, check_destination, work_folder
 from loracook.outputs import output_kind
 from loracook.plan.compile import compile_plan, load_base, recipe_values
 from loracook.plan.tasks import Plan
@@ -40,11 +39,15 @@ class RunResult:
     report: Report
     extractions: dict = field(default_factory=dict)  # source name -> ExtractReport
     evaluation: object | None = None  # an EvalReport when the recipe has an evaluate section
+    search: object | None = None  # a loracook.search.SearchOutcome when the recipe has a search section
 
 
-def prepare(recipe) -> Prepared:
-    """Open the base once and every source's headers, and compile the plan (what `validate` and `plan` do)."""
-    base = load_base(recipe.base_spec)
+def prepare(recipe, *, read_tensors: bool = False) -> Prepared:
+    """Open the base once and every source's headers, and compile the plan (what `validate` and `plan` do).
+
+    ``read_tensors``: the plan will be executed, so a GGUF base is dequantized (once, into the cache); without
+    it a GGUF base is read from its header only."""
+    base = load_base(recipe.base_spec, dequantize=read_tensors)
     sources = open_sources(recipe.sources, base, recipe.merge.seed)
     return Prepared(base, sources, compile_plan(recipe, base, sources))
 
@@ -59,6 +62,9 @@ def run(
     evaluate: bool = True,
     device: str | None = None,
     on_eval: Callable | None = None,
+    recipe_file: Path | None = None,
+    resume: bool = False,
+    on_search: Callable | None = None,
 ) -> RunResult:
     """Extract, plan and execute a recipe, writing into a temporary folder renamed into place at the end.
 
@@ -67,17 +73,19 @@ def run(
     >>> run(loaded.recipe, recipe_text=loaded.text).output  # doctest: +SKIP
     """
     target = output_path(recipe, output)
-    _refuse_existing(target, force)
+    protect = input_paths(recipe, recipe_file)
+    check_destination(target, force=force, protect=protect)  # before any work: never an input, never "."
     section = recipe.evaluate if evaluate else None
-    prepared = prepare(recipe)
+    prepared = prepare(recipe, read_tensors=True)
     tasks = check_evaluation(recipe, prepared.base) if section else None
-    _check_not_overwriting_inputs(target, prepared)
     kind = output_kind(recipe.output.kind)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.extract-", dir=target.parent) as work:
+    with work_folder(target) as work:
         sources = make_real(prepared.sources, Path(work), recipe.merge.seed, on_task)
         ready = all(s.ready for s in prepared.sources.values())
         plan = prepared.plan if ready else compile_plan(recipe, prepared.base, sources)
-        with OutputFolder(target, force=force) as out:
+        search = _search(recipe, plan, sources, target, force, resume, device, on_search)
+        recipe = search.recipe if search is not None else recipe  # the merge written: the chosen weights
+        with OutputFolder(target, force=force, protect=protect) as out:
             memory = kind.memory_sink(plan) if section else None
             report = _execute(recipe, plan, kind.sink(plan, out), memory, on_task)
             kind.side_files(plan, out)
@@ -86,11 +94,31 @@ def run(
             if section is not None:
                 evaluation = _evaluate(recipe, plan, kind, tasks, out.tmp, memory, sources, device, on_eval)
             card = model_card(plan, kind, recipe.name or target.name, recipe_text, report, evaluation)
+            if search is not None:
+                search.write(out.tmp / "search")
+                card = search.card(card)
             out.write_text("README.md", card)
             out.write_text("loracook_recipe.yaml", recipe_text)
             out.commit()
+    if search is not None:
+        search.cleanup()  # the study now lives in <output>/search/
     extractions = {n: s.report for n, s in sources.items() if s.report is not None}
-    return RunResult(target, plan, report, extractions, evaluation)
+    return RunResult(target, plan, report, extractions, evaluation, search)
+
+
+def _search(recipe, plan, sources, target, force, resume, device, on_search):
+    """The search step (docs/search.md): the chosen weights, or None for a recipe without `search:`."""
+    if recipe.search is None:
+        if resume:
+            raise BadInput(
+                "--resume continues a search, but the recipe has no `search:` section", fix="drop --resume"
+            )
+        return None
+    from loracook.search import run_search
+
+    return run_search(
+        recipe, plan, sources, target, force=force, resume=resume, device=device or "cpu", on_event=on_search
+    )
 
 
 def _execute(recipe, plan: Plan, sink, memory, on_task: OnTask | None) -> Report:
@@ -108,17 +136,20 @@ def output_path(recipe, output: Path | None) -> Path:
     return target
 
 
-def _refuse_existing(target: Path, force: bool) -> None:
-    if target.exists() and not force:
-        raise BadInput(
-            "the output already exists", file=target, loc=("output", "path"), fix="pass --force to replace it"
-        )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(
-            f"cannot create the output's parent folder: {exc.strerror}", file=target.parent
-        ) from None
+def input_paths(recipe, recipe_file: Path | None = None) -> list[Path]:
+    """Every local path the recipe reads (base, adapters, fine-tunes, data files) and the recipe itself: an
+    output may never be, contain or replace one of them, whatever --force says."""
+    paths = [recipe.base_spec.path]
+    for spec in recipe.sources.values():
+        paths.append(spec if isinstance(spec, str) else getattr(spec, "adapter", None))
+        paths.append(getattr(getattr(spec, "extract", None), "model", None))
+    if recipe.route is not None:
+        paths += list(recipe.route.exemplars.values())
+    if recipe.search is not None and recipe.search.objective.examples:
+        examples = recipe.search.objective.examples  # one JSONL file, or a list of them
+        paths += examples if isinstance(examples, list) else [examples]
+    found = [Path(p) for p in paths if p and not str(p).startswith("package:") and Path(p).exists()]
+    return found + ([Path(recipe_file)] if recipe_file is not None else [])
 
 
 def _write_reports(out: OutputFolder, report: Report, sources: dict[str, Source]) -> None:
@@ -176,17 +207,3 @@ def _evaluate(recipe, plan, kind, tasks, folder: Path, memory, sources, device, 
     except BadInput:
         pass  # matplotlib is optional: the JSON and the table still carry the numbers
     return evaluation
-
-
-def _check_not_overwriting_inputs(target: Path, prepared: Prepared) -> None:
-    dest = target.resolve()
-    inputs = [prepared.base.path] + [p for s in prepared.sources.values() for p in s.inputs]
-    for path in inputs:
-        path = Path(path).resolve()
-        if dest == path or dest in path.parents:
-            raise BadInput(
-                "the output folder overlaps an input folder",
-                file=target,
-                loc=("output", "path"),
-                fix="choose another output path",
-            )

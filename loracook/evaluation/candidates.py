@@ -41,6 +41,9 @@ class Candidate:
     kind: str
     source: str
     open: Callable[[], AbstractContextManager[Opened]] = field(repr=False, compare=False)
+    # Makes the lm-eval model from HFLM's keyword arguments (None: HFLM). A router uses its own, which
+    # routes each request on its context only (loracook.routing.evaluation).
+    lm_class: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -129,8 +132,16 @@ def model_candidate(
 
 
 def folder_candidate(path: str | Path, *, name: str | None = None, device: str = "cpu") -> Candidate:
-    """A model folder on disk, loaded when opened and freed afterwards."""
+    """A model folder on disk, loaded when opened and freed afterwards. A folder without tokenizer files is
+    refused here, before any evaluation starts (lm-eval would fail deep inside)."""
     folder = Path(path)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / f).is_file() for f in tokenizer_files):
+        raise BadInput(
+            "the model folder has no tokenizer files",
+            file=folder,
+            fix="copy the base model's tokenizer files into it",
+        )
     return Candidate(name or folder.name, "model", str(folder), lambda: _from_folder(folder, device))
 
 
@@ -164,9 +175,14 @@ def path_candidate(
     name: str | None = None,
     device: str = "cpu",
 ) -> Candidate:
-    """An existing output: a model folder, or an adapter folder (on ``base``, else on the local folder
-    named by its adapter_config.json). For ``loracook eval PATH``."""
+    """An existing output: a model folder, an adapter folder (on ``base``, else on the local folder named
+    by its adapter_config.json), or a router folder (on ``base``, else on the one its router.json names).
+    For ``loracook eval PATH``."""
     folder = Path(path)
+    if (folder / "router.json").is_file():
+        from loracook.routing.evaluation import router_candidate
+
+        return router_candidate(folder, base=base, name=name, device=device)
     if (folder / "adapter_config.json").is_file():
         if base is None:
             base = _base_of_adapter(folder)
@@ -174,7 +190,7 @@ def path_candidate(
     if (folder / "config.json").is_file():
         return folder_candidate(folder, name=name, device=device)
     raise BadInput(
-        "not a model or adapter folder (no config.json or adapter_config.json)",
+        "not a model, adapter or router folder (no config.json, adapter_config.json or router.json)",
         file=folder,
         fix="give a folder written by `loracook run`, an HF model folder or a PEFT adapter folder",
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loracook.execute.sinks import Sink
+from loracook.execute.sinks import Finite, Sink
 from loracook.io.tensors import Readers
 from loracook.io.writer import TensorSpec
 from loracook.plan.tasks import ModuleTask, Plan, TensorTask, term_infos
@@ -57,6 +57,7 @@ def execute(plan: Plan, values: Values, sink: Sink, on_task: OnTask | None = Non
     from loracook.execute.tensors import block_bytes, module_task, tensor_task
 
     values.check()
+    sink = Finite(sink)
     readers, report = Readers({}, _last_use(plan)), Report()
     sink.start([TensorSpec(t.out_name or t.name, t.dtype, t.shape) for t in plan.tensor_tasks])
     try:

@@ -3,7 +3,9 @@
 - :class:`ShardSink`: the sharded safetensors writer, row blocks appended in plan order (model outputs);
 - :class:`AdapterSink`: the PEFT adapter writer (tensors kept until the end; adapters are small);
 - :class:`MemorySink`: a dict of whole tensors (a search's candidate, a test, evaluation from memory);
-- :class:`Tee`: several sinks at once (write the model and keep it in memory to evaluate it).
+- :class:`Tee`: several sinks at once (write the model and keep it in memory to evaluate it);
+- :class:`Finite`: the one finiteness check on every tensor the executor hands to any sink, whichever path
+  computed it (streamed, whole, factored, passed through).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from loracook.errors import BadInput
 from loracook.io.writer import OutputFolder, TensorSpec
 
 
@@ -105,3 +108,26 @@ class Tee:
     def finish(self) -> None:
         for sink in self.sinks:
             sink.finish()
+
+
+class Finite:
+    """Refuses a block with NaN or infinity before it reaches ``sink``: nothing broken is ever written."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.in_flight = sink.in_flight
+
+    def start(self, specs: list[TensorSpec]) -> None:
+        self.sink.start(specs)
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        if block.is_floating_point() and block.numel() and not bool(torch.isfinite(block).all()):
+            raise BadInput(
+                f"output tensor {name} holds NaN or infinite values",
+                fix="check the merge weights (an overflow) and the sources (their tensors, and lora_alpha in "
+                "adapter_config.json)",
+            )
+        self.sink.write(name, block)
+
+    def finish(self) -> None:
+        self.sink.finish()

@@ -17,6 +17,15 @@ TOKEN_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings)\.weight$")
 EMBEDDING = re.compile(r"(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings)\.weight$")
 
 
+# Model types whose linear layers are transformers' Conv1D, stored (in, out): PEFT's fan_in_fan_out.
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+
+
+def stores_transposed(config: dict) -> bool:
+    """True when the architecture stores its linear weights transposed (GPT-2's Conv1D)."""
+    return str(config.get("model_type", "")) in CONV1D_MODEL_TYPES
+
+
 def is_embedding(name: str) -> bool:
     """Token or position embedding table (stored num_embeddings × dim)."""
     return EMBEDDING.search(name) is not None

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loracook.errors import BadInput, Unsupported
 from loracook.io.tensors import TensorInfo, TensorReader, read_header
+from loracook.safe_regex import RegexError, peft_pattern_value
 
 PREFIX = "base_model.model."
 # init_lora_weights values whose saved factors are a plain LoRA on the unchanged base.
@@ -150,17 +150,36 @@ def _check_config(config: dict[str, Any], file: Path) -> None:
         if config.get(key):
             raise Unsupported(f"{what} ({key}) is not supported", file=file)
     for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise BadInput(f"adapter_config.json: {key} must be a positive number, got {value!r}", file=file)
+        _positive(config.get(key, 8), key, file)
+    for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise BadInput(f"adapter_config.json: {key} must be an object of regex -> number", file=file)
+        for pattern, value in patterns.items():
+            _positive(value, f"{key}[{pattern!r}]", file, whole=whole)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: regex keys matched as (.*\\.)?(key)$, first match wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _positive(value: Any, what: str, file: Path, *, whole: bool = False) -> None:
+    """A rank (a positive integer) or an alpha (a positive finite number), never a string, bool or NaN."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0 or (whole and value != int(value)):
+        kind = "a positive integer" if whole else "a positive finite number"
+        raise BadInput(
+            f"adapter_config.json: {what} must be {kind}, got {value!r}",
+            file=file,
+            fix="fix adapter_config.json (was it edited by hand?)",
+        )
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any, file: Path) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: regex keys matched as (.*\\.)?(key)$, first match wins (in a
+    linear-time regex engine: a key is untrusted input)."""
+    try:
+        return peft_pattern_value(patterns, module, default)
+    except RegexError as exc:
+        raise BadInput(
+            f"adapter_config.json: {exc}", file=file, fix="fix or remove that pattern key"
+        ) from None
 
 
 def _assemble(
@@ -215,13 +234,19 @@ def _assemble(
             raise BadInput(
                 f"module {module!r}: lora_A has rank {rank} but lora_B has {b.shape[1]}", file=file
             )
-        config_rank = _pattern_value(rank_pattern, module, r_default)
+        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            raise BadInput(
+                f"module {module!r}: LoRA factors are {a.dtype}/{b.dtype}, not floating point",
+                file=file,
+                fix="re-save the adapter with float factors",
+            )
+        config_rank = _pattern_value(rank_pattern, module, r_default, config_file)
         if config_rank != rank:
             raise BadInput(
                 f"module {module!r}: the tensors have rank {rank} but adapter_config.json says {config_rank}",
                 file=config_file,
             )
-        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+        alpha = float(_pattern_value(alpha_pattern, module, alpha_default, config_file))
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         magnitude = found.get(".lora_magnitude_vector", found.get(".lora_magnitude_vector.weight"))
         if magnitude is not None and embedding:

@@ -54,18 +54,58 @@ def _hub_snapshot(repo_id: str, revision: str | None, kind: str) -> Path:
         raise BadInput(f"cannot fetch {kind} {repo_id!r} from the hub: {str(exc).splitlines()[0]}") from None
 
 
-def gguf_to_folder(folder: Path, gguf_file: str) -> Path:
-    """Dequantize ``folder/gguf_file`` to an fp32 HF folder once; later calls return the cached folder."""
+def open_gguf_base(folder: Path, gguf_file: str, *, dequantize: bool):
+    """The base model in ``folder/gguf_file`` as a Checkpoint.
+
+    ``dequantize=True`` (``run``: tensors will be read): the fp32 HF folder, converted once into the cache.
+    ``dequantize=False`` (``validate``, ``plan``: headers only): that folder if it is already cached, else a
+    header-only view read from the GGUF header (config, names and shapes; no tensor data, nothing written)."""
+    from loracook.io.checkpoint import gguf_header_checkpoint, open_checkpoint
+
+    source = _gguf_source(folder, gguf_file)
+    cached = _gguf_target(source)
+    if (cached / "config.json").is_file():
+        return open_checkpoint(cached)
+    if not dequantize:
+        return gguf_header_checkpoint(source)
+    return open_checkpoint(gguf_to_folder(folder, gguf_file))
+
+
+def _gguf_source(folder: Path, gguf_file: str) -> Path:
     source = folder / gguf_file
     if not source.is_file():
-        raise BadInput("GGUF file not found", file=source)
+        raise BadInput("GGUF file not found", file=source, fix="check base.path and base.gguf_file")
+    return source
+
+
+def _gguf_target(source: Path) -> Path:
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "gguf" / f"{source.stem}-{key}"
+    return cache_dir() / "gguf" / f"{source.stem}-{key}"
+
+
+def gguf_to_folder(folder: Path, gguf_file: str) -> Path:
+    """Dequantize ``folder/gguf_file`` to an fp32 HF folder once; later calls return the cached folder.
+
+    The cache must be writable (LORACOOK_CACHE, default ~/.cache/loracook): if it is not, one line says so and
+    how to point it elsewhere, before any work. Staging folders are named like outputs' temporary folders, so a
+    conversion killed half-way is removed by the next one."""
+    from loracook.io.writer import sweep_stale, temp_prefix
+
+    source = _gguf_source(folder, gguf_file)
+    target = _gguf_target(source)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(target.parent)
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
+    except OSError as exc:
+        raise BadInput(
+            f"cannot write the cache for the dequantized GGUF model: {exc.strerror}",
+            file=exc.filename or target.parent,
+            fix="set LORACOOK_CACHE to a writable folder (the model is converted there once)",
+        ) from None
     try:
         _convert_gguf(folder, gguf_file, staging)
         try:
@@ -87,8 +127,13 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     except ImportError as exc:
         raise BadInput(f"reading GGUF needs the gguf package ({exc})", fix="pip install gguf") from None
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot read GGUF: {str(exc).splitlines()[0]}", file=folder / gguf_file) from None
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise BadInput(
+            f"cannot read GGUF: {reason}",
+            file=folder / gguf_file,
+            fix="check that the file is a complete GGUF model with its tokenizer",
+        ) from None
     # save_pretrained refuses a model loaded through a quantizer until the flag is cleared.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -75,11 +75,17 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             header = json.loads(f.read(length))
     except FileNotFoundError:
         raise BadInput("file not found", file=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BadInput("not a safetensors file (its header is not JSON)", file=path) from None
     if not isinstance(header, dict):
         raise BadInput("not a safetensors file (its header is not a JSON object)", file=path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInput(
+            "broken safetensors header: __metadata__ must map names to strings",
+            file=path,
+            fix="re-save the file",
+        )
     infos: dict[str, TensorInfo] = {}
     data_start = 8 + length
     end = 0
@@ -94,6 +100,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             ) from None
         except (TypeError, ValueError):
             raise BadInput(f"tensor {name!r} has a broken header entry", file=path) from None
+        if any(d < 0 for d in shape) or not 0 <= begin <= stop:
+            raise BadInput(f"tensor {name!r} has a negative size or offset in its header", file=path)
         info = TensorInfo(str(path), name, dtype, shape, data_start + begin)
         if stop - begin != info.nbytes:
             raise BadInput(f"tensor {name!r}: header offsets disagree with its shape", file=path)

@@ -11,21 +11,22 @@ from pathlib import Path
 
 from loracook.errors import BadInput
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
-from loracook.io.names import is_embedding, is_token_embedding
+from loracook.io.names import is_embedding, is_token_embedding, stores_transposed
 from loracook.io.peft import Adapter, LoraModule
-from loracook.io.resolve import gguf_to_folder, resolve_path
+from loracook.io.resolve import open_gguf_base, resolve_path
 from loracook.methods import method_of
 from loracook.plan.tasks import BiasTerm, Combine, FullTerm, LoraTerm, Plan, Term
 from loracook.plan.values import Values
 from loracook.sources import Source
 
 
-def load_base(spec) -> Checkpoint:
-    """Open the base model's headers (a GGUF base is dequantized into the cache once)."""
+def load_base(spec, *, dequantize: bool = True) -> Checkpoint:
+    """Open the base model's headers. A GGUF base is dequantized into the cache once when its tensors will be
+    read (``dequantize``); otherwise its header alone gives names, shapes and the config."""
     try:
         folder = resolve_path(spec.path, revision=spec.revision, kind="base model")
         if spec.gguf_file:
-            folder = gguf_to_folder(folder, spec.gguf_file)
+            return open_gguf_base(folder, spec.gguf_file, dequantize=dequantize)
         return open_checkpoint(folder)
     except BadInput as error:
         error.loc = error.loc or ("base",)
@@ -114,9 +115,13 @@ def collect_terms(base: Checkpoint, sources: dict[str, Source], values: Values) 
         except BadInput as error:
             problems.append((source, error.message))
 
+    conv1d = stores_transposed(base.config)
     for name, source in sources.items():
         adapter, dare = source.adapter, source.dare
         for module in adapter.modules.values():
+            if conv1d and module.kind == "linear" and not module.fan_in_fan_out:
+                # PEFT corrects the flag for Conv1D layers (with a warning): the factors are for (in, out)
+                module = replace(module, fan_in_fan_out=True)
             problem = _check_module(base, module)
             if problem:
                 problems.append((name, problem))

@@ -7,11 +7,11 @@ per-layer list, or filter rules (:func:`weight_for`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from loracook import safe_regex
 from loracook.errors import BadInput
 from loracook.io.checkpoint import layer_index
 from loracook.io.names import is_embedding
@@ -79,7 +79,7 @@ def weight_for(spec: float | list, name: str, num_layers: int, source: str) -> f
         return float(spec)
     if spec and isinstance(spec[0], FilterRule):
         for rule in spec:
-            if rule.filter is None or re.search(rule.filter, name):
+            if rule.filter is None or safe_regex.search(rule.filter, name):
                 return float(rule.value)
         raise BadInput(
             f"no weight rule of source {source!r} matches {name!r}",

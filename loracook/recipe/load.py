@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from loracook.errors import BadInput, Unsupported
 from loracook import methods
+from loracook.errors import BadInput
+from loracook.io.safe_yaml import MAX_BYTES, decode_utf8, parse_yaml
 from loracook.recipe.model import Recipe
 
 Loc = tuple[str | int, ...]
@@ -43,12 +43,7 @@ def load_recipe(path: str | Path, *, seed: int | None = None) -> LoadedRecipe:
     >>> load_recipe("recipes/does-not-exist.yaml")  # doctest: +SKIP
     """
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInput("recipe file not found", file=file, fix="check the path") from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
-        raise BadInput(f"cannot read the recipe: {exc.__class__.__name__}", file=file) from None
+    text = decode_utf8(_read_recipe_bytes(file), file)
     return load_recipe_text(text, file, seed=seed)
 
 
@@ -103,8 +98,45 @@ def check_semantics(recipe: Recipe) -> None:
                 raise BadInput(
                     _unknown_name("baseline", name, ["base", *known]), loc=("evaluate", "baselines", index)
                 )
+    _check_route(recipe, known)
+
+
+def _check_route(recipe: Recipe, known: list[str]) -> None:
+    """A router recipe has a `route:` section and names exemplars for its own sources only."""
+    router = recipe.output.kind == "router"
+    if router and recipe.route is None:
+        raise BadInput(
+            "output.kind router needs a `route:` section", loc=("output", "kind"), fix="add route:"
+        )
+    if recipe.route is None:
+        return
+    if not router:
+        raise BadInput(
+            "a `route:` section makes a router",
+            loc=("route",),
+            fix="set output.kind: router, or remove route:",
+        )
+    route = recipe.route
+    for name in route.exemplars:
+        if name not in recipe.sources:
+            raise BadInput(_unknown_name("source", name, known), loc=("route", "exemplars", name))
+    if route.method in ("centroid", "gate"):
+        missing = [n for n in known if n not in route.exemplars]
+        if missing:
+            raise BadInput(
+                f"route.method {route.method} needs exemplar prompts for every source; none for "
+                + ", ".join(missing),
+                loc=("route", "exemplars"),
+                fix='add a JSONL file of {"prompt": ...} lines per source, or use method: arrow',
+            )
+    if route.top_k is not None and route.top_k > len(known):
+        raise BadInput(
+            f"route.top_k {route.top_k} is larger than the number of sources ({len(known)})",
+            loc=("route", "top_k"),
+            fix=f"use at most {len(known)}",
+        )
     if recipe.search is not None:
-        raise Unsupported("the `search` section is not supported yet", loc=("search",), fix="remove it")
+        raise BadInput("a router has no merge weights to search", loc=("search",), fix="remove search:")
 
 
 def _unknown_name(kind: str, name: str, choices: list[str]) -> str:
@@ -116,45 +148,34 @@ def _unknown_name(kind: str, name: str, choices: list[str]) -> str:
 # -------------------------------------------------------------------------------------------------- YAML
 
 
-def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[Loc, tuple[int, int]]]:
-    loader = yaml.SafeLoader(text)
+def _read_recipe_bytes(file: Path) -> bytes:
+    """The file's bytes; a folder, a device or a FIFO (which could be endless) and oversized files are refused."""
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        error = BadInput(
-            f"malformed YAML: {exc.problem or exc.context}", file=file, fix="fix the YAML syntax"
+        if not file.exists():
+            raise BadInput("recipe file not found", file=file, fix="check the path")
+        if file.is_dir():
+            raise BadInput("the recipe path is a folder", file=file, fix="give the recipe's .yaml file")
+        if not file.is_file():
+            raise BadInput("the recipe is not a regular file", file=file, fix="give the recipe's .yaml file")
+        with open(file, "rb") as handle:
+            raw = handle.read(MAX_BYTES + 1)
+    except PermissionError:
+        raise BadInput(
+            "cannot read the recipe: permission denied", file=file, fix="make it readable"
+        ) from None
+    except OSError as exc:
+        raise BadInput(f"cannot read the recipe: {exc.strerror or exc}", file=file) from None
+    if len(raw) > MAX_BYTES:
+        raise BadInput(
+            f"the recipe is larger than {MAX_BYTES:,} bytes", file=file, fix="is this the right file?"
         )
-        if mark is not None:
-            error.line, error.column = mark.line + 1, mark.column + 1
-        raise error from None
-    except yaml.YAMLError as exc:
-        raise BadInput(f"malformed YAML: {exc}", file=file) from None
-    finally:
-        loader.dispose()
-    positions: dict[Loc, tuple[int, int]] = {}
-    if node is not None:
-        _walk(node, (), positions, file)
-    return data, positions
+    return raw
 
 
-def _walk(node: yaml.Node, loc: Loc, positions: dict[Loc, tuple[int, int]], file: Path) -> None:
-    positions.setdefault(loc, (node.start_mark.line + 1, node.start_mark.column + 1))
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                error = BadInput(f"duplicate key {key!r}", file=file, fix="keep one of them")
-                error.line, error.column = key_node.start_mark.line + 1, key_node.start_mark.column + 1
-                raise error
-            seen.add(key)
-            positions[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _walk(value_node, (*loc, key), positions, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, (*loc, index), positions, file)
+def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[Loc, tuple[int, int]]]:
+    """Data and key positions, through the bounded loader (alias bombs, recursion and deep nesting are refused
+    with their line; merge keys are not duplicates)."""
+    return parse_yaml(text, file)
 
 
 def _closest(positions: dict[Loc, tuple[int, int]], loc: Loc) -> tuple[int, int] | None:

@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from loracook import methods
 from loracook.recipe.types import (
@@ -128,7 +137,9 @@ class Output(Strict):
 
 class Evaluate(Strict):
     tasks: list[str] = Field(min_length=1, description="lm-eval task names, task YAML files or folders")
-    limit: int | float | None = None
+    limit: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0)] | None = Field(
+        None, description="items per task: a count, or a share of the items when below 1"
+    )
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, gt=0)
     device: str | None = None
@@ -157,8 +168,10 @@ def _task_paths(tasks: list[str], info: ValidationInfo) -> list[str]:
 class Objective(Strict):
     """What a search candidate is scored on: few-shot examples (LoraHub's loss) or lm-eval tasks."""
 
-    examples: PathStr | None = Field(
-        None, description='JSONL of {"input": ..., "output": ...}: mean cross-entropy of the output tokens'
+    examples: PathStr | list[PathStr] | None = Field(
+        None,
+        description='JSONL of {"input": ..., "output": ...}: mean cross-entropy of the output tokens; a list of '
+        "files makes one objective per file",
     )
     tasks: list[str] | None = Field(
         None, description="lm-eval task names or YAML files: each task's primary metric is one objective"
@@ -180,6 +193,8 @@ class Objective(Strict):
     def _one_kind(self) -> Objective:
         if (self.examples is None) == (self.tasks is None):
             raise ValueError("give exactly one of `examples` (a JSONL file) and `tasks` (lm-eval tasks)")
+        if self.examples == [] or self.tasks == []:
+            raise ValueError("the objective's list of examples files or tasks is empty")
         return self
 
 
@@ -240,6 +255,13 @@ class Route(Strict):
 # -------------------------------------------------------------------------------------------------- recipe
 
 
+def _version(value: Any) -> Any:
+    """`loracook: true` is not version 1 (YAML booleans compare equal to 1 in Python)."""
+    if isinstance(value, bool):
+        raise ValueError("the format version is a number: write `loracook: 1`")
+    return value
+
+
 class Recipe(Strict):
     """A loracook recipe, format v1."""
 
@@ -249,7 +271,7 @@ class Recipe(Strict):
         title="loracook recipe",
     )
 
-    loracook: Literal[1] = Field(description="recipe format version")
+    loracook: Annotated[Literal[1], BeforeValidator(_version)] = Field(description="recipe format version")
     name: str | None = None
     base: Base
     sources: dict[SourceName, Source] = Field(min_length=1)

@@ -77,11 +77,10 @@ class Strict(BaseModel):
 
 
 def _check_regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"regex {pattern!r} does not compile: {exc}") from None
-    return pattern
+    """A user regex must compile for a linear-time engine (loracook.safe_regex): no catastrophic backtracking."""
+    from loracook.safe_regex import check_regex
+
+    return check_regex(pattern)
 
 
 class FilterRule(Strict):

@@ -22,14 +22,14 @@ import torch
 from loracook.errors import BadInput
 from loracook.execute.scratch import Scratch
 from loracook.io.checkpoint import Checkpoint, open_checkpoint
-from loracook.io.names import is_embedding, is_token_embedding
+from loracook.io.names import is_embedding, is_token_embedding, stores_transposed
 from loracook.io.peft import Adapter, LoraModule, adapter_config, factor_names, save_adapter, saved_name
 from loracook.io.resolve import resolve_path
 from loracook.io.tensors import Readers, TensorInfo
 from loracook.recipe.model import ExtractSpec
+from loracook.safe_regex import compile_regex
 from loracook.threads import map_ordered
 
-_CONV1D_MODELS = {"gpt2"}  # stored (in, out): PEFT's fan_in_fan_out
 # The randomized SVD's factors are accepted within 0.5% of the optimal rank-k error (check: exact), or once
 # the block Krylov iteration gains less than 0.5% per step (check: estimate), so an extraction stays within 1%
 # of a full SVD's (mergekit's) error even after rounding to the output dtype.
@@ -119,8 +119,8 @@ def plan_extraction(source: str, spec: ExtractSpec, base: Checkpoint, tuned_path
         )
     problems: list[str] = []
     items: list[ExtractItem] = []
-    include = [re.compile(p) for p in spec.include or []]
-    exclude = [re.compile(p) for p in spec.exclude]
+    include = [compile_regex(p, what="extract.include") for p in spec.include or []]
+    exclude = [compile_regex(p, what="extract.exclude") for p in spec.exclude]
     embedding = next((n for n in base.tensors if is_token_embedding(n)), None)
     for name, info in sorted(base.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset or 0)):
         other = tuned.tensors.get(name)
@@ -156,7 +156,7 @@ def plan_extraction(source: str, spec: ExtractSpec, base: Checkpoint, tuned_path
             loc=("sources", source, "extract", "model"),
             fix="extract from a complete fine-tune of this base",
         )
-    fifo = str(base.config.get("model_type", "")) in _CONV1D_MODELS
+    fifo = stores_transposed(base.config)
     return ExtractJob(source, spec, tuned.path, tuple(items), fifo, base.config)
 
 
