@@ -87,8 +87,8 @@ def run(
         recipe = search.recipe if search is not None else recipe  # the merge written: the chosen weights
         with OutputFolder(target, force=force, protect=protect) as out:
             memory = kind.memory_sink(plan) if section else None
-            report = _execute(recipe, plan, kind.sink(plan, out), memory, on_task)
-            kind.side_files(plan, out)
+            report = _execute(recipe, plan, kind.sink(plan, out, recipe.output), memory, on_task)
+            kind.side_files(plan, out, recipe.output)
             _write_reports(out, report, sources)
             evaluation = None
             if section is not None:

@@ -39,6 +39,7 @@ class AdapterSummary:
     path: str
     config: dict
     modules: tuple[ModuleSummary, ...]
+    serving: dict | None = None  # loracook.serving.serving_summary: vLLM / LoRAX, the --max-lora-rank needed
 
     @property
     def norm(self) -> float:
@@ -50,6 +51,7 @@ class AdapterSummary:
             "peft_type": self.config.get("peft_type", "LORA"),
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
             "norm": self.norm,
+            "serving": self.serving,
             "modules": [
                 m.__dict__ | {"shape": list(m.shape), "spectrum": list(m.spectrum)} for m in self.modules
             ],
@@ -132,7 +134,10 @@ def summarize_adapter(path: str | Path, decomposition: Decomposition | None = No
                 spectrum=tuple(float(x) for x in s[: module.rank]),
             )
         )
-    return AdapterSummary(str(path), adapter.config, tuple(modules))
+    from loracook.serving import facts_from_folder, serving_summary
+
+    serving = serving_summary(facts_from_folder(path))
+    return AdapterSummary(str(path), adapter.config, tuple(modules), serving)
 
 
 def inspect_adapters(paths: list[str | Path]) -> tuple[list[AdapterSummary], Similarity | None]:

@@ -59,7 +59,7 @@ def execute(plan: Plan, values: Values, sink: Sink, on_task: OnTask | None = Non
     values.check()
     sink = Finite(sink)
     readers, report = Readers({}, _last_use(plan)), Report()
-    sink.start([TensorSpec(t.out_name or t.name, t.dtype, t.shape) for t in plan.tensor_tasks])
+    sink.start([TensorSpec(*spec) for spec in plan.output_specs()])
     try:
         if plan.parallel:  # small per-module math, side by side on every core
             results = map_ordered(lambda task: module_task(task, readers, values), plan.tasks)

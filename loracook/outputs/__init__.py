@@ -23,9 +23,10 @@ class OutputKind(Protocol):
 
     def plan(self, recipe: Any, base: Any, adapters: dict, terms: dict, combine: Combine) -> Plan: ...
 
-    def sink(self, plan: Plan, out: OutputFolder): ...
+    def sink(self, plan: Plan, out: OutputFolder, spec: Any):
+        """Where the executed tensors go; ``spec`` is the recipe's `output:` section (format, types)."""
 
-    def side_files(self, plan: Plan, out: OutputFolder) -> None: ...
+    def side_files(self, plan: Plan, out: OutputFolder, spec: Any) -> None: ...
 
     def card_facts(self, plan: Plan) -> tuple[str, list[str], list[str]]:
         """(what was made, fact lines, front-matter lines) for the model card."""
@@ -36,11 +37,18 @@ class OutputKind(Protocol):
     def candidate(self, name: str, plan: Plan, folder: Path, memory, base: Any): ...
 
 
+def gguf_type(spec: Any, default: str) -> str:
+    """The GGUF tensor type of an output: `output.gguf_type`, else the one `output.dtype` names."""
+    named = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    return spec.gguf_type or named.get(spec.dtype, default)
+
+
 def output_kind(name: str) -> OutputKind:
     from loracook.outputs.adapter import ADAPTER
     from loracook.outputs.model import MODEL
+    from loracook.outputs.router import ROUTER
 
-    kinds = {k.name: k for k in (MODEL, ADAPTER)}
+    kinds = {k.name: k for k in (MODEL, ADAPTER, ROUTER)}
     if name not in kinds:
         raise BadInput(
             f"unknown output kind {name!r}", loc=("output", "kind"), fix=f"use {' or '.join(kinds)}"

@@ -11,6 +11,7 @@ from loracook.errors import BadInput, Unsupported
 from loracook.execute.sinks import AdapterSink
 from loracook.io.peft import adapter_config, saved_name
 from loracook.io.writer import OutputFolder
+from loracook.outputs import gguf_type
 from loracook.plan.compile import in_file_order, output_dtype
 from loracook.plan.tasks import BiasTerm, Combine, FullTerm, LoraTerm, ModuleTask, Plan, TensorTask
 
@@ -67,7 +68,7 @@ class AdapterKind:
             )
             if fulls:
                 tasks.append(TensorTask(name, base.tensors[name], dtype, fulls, combine, saved_name(name)))
-        return Plan(
+        plan = Plan(
             kind=self.name,
             tasks=tuple(tasks),
             base=base,
@@ -77,20 +78,33 @@ class AdapterKind:
             adapter_config=_config(base, adapters, tasks),
             parallel=True,
         )
+        _check_export(plan, recipe.output)
+        return plan
 
-    def sink(self, plan: Plan, out: OutputFolder):
+    def sink(self, plan: Plan, out: OutputFolder, spec):
+        if spec.format == "gguf":  # a llama.cpp LoRA adapter GGUF
+            from loracook.io.gguf_write import GGUFAdapterSink
+
+            return GGUFAdapterSink(
+                out.tmp / "adapter.gguf",
+                adapter_config=plan.adapter_config,
+                base_config=plan.base.config,
+                file_type=gguf_type(spec, "f32"),
+            )
         return AdapterSink(out.tmp, plan.adapter_config)
 
-    def side_files(self, plan: Plan, out: OutputFolder) -> None:
-        pass  # the sink writes adapter_config.json beside the tensors
+    def side_files(self, plan: Plan, out: OutputFolder, spec) -> None:
+        pass  # the sink writes adapter_config.json beside the tensors (or the GGUF holds it)
 
     def card_facts(self, plan: Plan) -> tuple[str, list[str], list[str]]:
+        from loracook.serving import serving_summary, summary_lines
+
         modules = [t for t in plan.tasks if isinstance(t, ModuleTask)]
         ranks = sorted({t.rank for t in modules})
         what = f"a PEFT LoRA adapter combining {len(plan.sources)} adapter(s) by `{plan.method}`"
-        base_name = plan.base.config.get("_name_or_path") or plan.base.path.name
-        facts = [f"- modules: {len(modules)}, ranks {', '.join(map(str, ranks))}"]
-        return what, facts, ["library_name: peft", f"base_model: {base_name}"]
+        facts = [f"- modules: {len(modules)}, ranks {', '.join(map(str, ranks))}", "", "## Serving", ""]
+        facts += summary_lines(serving_summary(serving_facts(plan)))
+        return what, facts, ["library_name: peft", "base_model_relation: adapter"]
 
     def memory_sink(self, plan: Plan):
         return None  # the adapter is small: evaluation reads it from the folder
@@ -99,6 +113,38 @@ class AdapterKind:
         from loracook.evaluation import adapter_candidates
 
         return adapter_candidates(base, {name: folder})[0]
+
+
+def serving_facts(plan: Plan):
+    """What the serving rules (loracook/serving.py) need to know about the planned adapter."""
+    from loracook.serving import adapter_facts
+
+    modules = [t for t in plan.tasks if isinstance(t, ModuleTask)]
+    architectures = plan.base.config.get("architectures") or [None]
+    return adapter_facts(
+        plan.adapter_config,
+        {t.module: t.rank for t in modules},
+        architecture=architectures[0],
+        num_layers=plan.base.num_layers,
+        embedding_modules=[t.module for t in modules if t.kind == "embedding"],
+        saved_tensors=[t.out_name or t.name for t in plan.tasks if isinstance(t, TensorTask)],
+        method=plan.method,
+    )
+
+
+def _check_export(plan: Plan, spec) -> None:
+    """`output.format: gguf` and `output.serve`, checked before any tensor is read."""
+    if spec.format == "gguf":
+        from loracook.io.gguf_write import check_adapter_export
+
+        names = [name for name, _, _ in plan.output_specs()]
+        check_adapter_export(names, plan.base.config, gguf_type(spec, "f32"))
+    if spec.serve:
+        from loracook.serving import check
+
+        for problem in check(serving_facts(plan), spec.serve, max_lora_rank=spec.max_lora_rank):
+            if problem.blocking:
+                raise BadInput(problem.message, loc=("output", "serve"), fix=problem.fix)
 
 
 def _module_task(module: str, loras: tuple[LoraTerm, ...], combine: Combine, dtype) -> ModuleTask:

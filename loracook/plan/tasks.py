@@ -243,6 +243,18 @@ class Plan:
     def tensor_tasks(self) -> list[TensorTask]:
         return [t for t in self.tasks if isinstance(t, TensorTask)]
 
+    def output_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor the plan writes, in plan order (a module's A, then its B)."""
+        specs = []
+        for task in self.tasks:
+            if isinstance(task, ModuleTask):
+                name_a, name_b = task.names
+                specs.append((name_a, task.dtype, (task.rank, task.in_features)))
+                specs.append((name_b, task.dtype, (task.out_features, task.rank)))
+            else:
+                specs.append((task.out_name or task.name, task.dtype, task.shape))
+        return specs
+
     @property
     def method(self) -> str:
         return self.combine.name

@@ -133,6 +133,22 @@ class Output(Strict):
         "auto", description="auto keeps the base dtype for models and writes float32 adapters"
     )
     shard_size: Size = Field(5 * 10**9, description="largest safetensors shard, e.g. 2GB")
+    format: Literal["safetensors", "gguf"] = Field(
+        "safetensors", description="gguf: one GGUF file for llama.cpp/Ollama (docs/gguf.md)"
+    )
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] | None = Field(
+        None,
+        description="GGUF tensor type (default: from dtype; f16 for a model with dtype auto, f32 for an adapter)",
+    )
+    serve: list[Literal["vllm", "lorax"]] | None = Field(
+        None, description="adapter outputs: check at plan time that these engines serve it (docs/serving.md)"
+    )
+    max_lora_rank: int | None = Field(None, gt=0, description="with serve: the vLLM --max-lora-rank to fit")
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class Evaluate(Strict):
