@@ -48,10 +48,17 @@ def _prepared(term: Term, readers: Readers, values: Values):
     if not isinstance(term, LoraTerm) or term.magnitude is not None:
         return term
     a = readers.read(term.a).to(torch.float32)
-    b = readers.read(term.b).to(torch.float32) * (term.scale * values.weight(term.source, term.at))
+    b = readers.read(term.b).to(torch.float32)
     for info, value in ((term.a, a), (term.b, b)):
         if not bool(torch.isfinite(value).all()):
             _refuse_broken(info, term.source)
+    weight = values.weight(term.source, term.at)
+    b = b * (term.scale * weight)  # one product, as PEFT scales: the output bytes depend on it
+    if not bool(torch.isfinite(b).all()):  # the factors are finite: the scale or the weight overflows
+        raise BadInput(
+            f"merging {term.at}: source {term.source!r} at weight {weight:g} overflowed to infinity",
+            fix="check the merge weights",
+        )
     return (a, b, term.transposed)
 
 
