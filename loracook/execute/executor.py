@@ -57,7 +57,8 @@ def execute(plan: Plan, values: Values, sink: Sink, on_task: OnTask | None = Non
     from loracook.execute.tensors import block_bytes, module_task, tensor_task
 
     values.check()
-    sink = Finite(sink)
+    if not plan.parallel:  # parallel tasks check their own tensors on the worker threads (module_task)
+        sink = Finite(sink)
     readers, report = Readers({}, _last_use(plan)), Report()
     sink.start([TensorSpec(*spec) for spec in plan.output_specs()])
     try:

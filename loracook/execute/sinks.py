@@ -121,13 +121,21 @@ class Finite:
         self.sink.start(specs)
 
     def write(self, name: str, block: torch.Tensor) -> None:
-        if block.is_floating_point() and block.numel() and not bool(torch.isfinite(block).all()):
-            raise BadInput(
-                f"output tensor {name} holds NaN or infinite values",
-                fix="check the merge weights (an overflow) and the sources (their tensors, and lora_alpha in "
-                "adapter_config.json)",
-            )
+        require_finite(name, block)
         self.sink.write(name, block)
 
     def finish(self) -> None:
         self.sink.finish()
+
+
+def require_finite(name: str, tensor: torch.Tensor) -> None:
+    """BadInput when ``tensor`` holds NaN or infinity. One reduction (a sum is NaN or infinite when any entry
+    is); the element-wise test runs only when the sum is not finite, which a huge but finite tensor can be."""
+    if not tensor.dtype.is_floating_point or not tensor.numel() or bool(torch.isfinite(tensor.sum())):
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadInput(
+            f"output tensor {name} holds NaN or infinite values",
+            fix="check the merge weights (an overflow) and the sources (their tensors, and lora_alpha in "
+            "adapter_config.json)",
+        )

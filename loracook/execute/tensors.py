@@ -11,6 +11,7 @@ import torch
 
 from loracook.errors import BadInput
 from loracook.execute.executor import ModuleReport, Report
+from loracook.execute.sinks import require_finite
 from loracook.io.peft import read_factors
 from loracook.io.tensors import Readers
 from loracook.methods import DenseInputs
@@ -238,13 +239,17 @@ def block_bytes(task: TensorTask) -> int:
 
 
 def module_task(task, readers: Readers, values: Values) -> tuple[dict[str, torch.Tensor], list[ModuleReport]]:
-    """One task of an adapter output: its tensors and report lines (runs on a worker thread)."""
+    """One task of an adapter output: its tensors (each checked finite) and report lines (a worker thread)."""
     report = Report()
     if isinstance(task, ModuleTask):
-        return _module(task, readers, values, report), report.modules
-    value = whole(task, readers, values, report)
-    check_finite(value, task.name, task.terms, readers)
-    return {task.out_name or task.name: value.to(task.dtype)}, report.modules
+        tensors = _module(task, readers, values, report)
+    else:
+        value = whole(task, readers, values, report)
+        check_finite(value, task.name, task.terms, readers)
+        tensors = {task.out_name or task.name: value.to(task.dtype)}
+    for name, tensor in tensors.items():
+        require_finite(name, tensor)
+    return tensors, report.modules
 
 
 def _module(task: ModuleTask, readers: Readers, values: Values, report: Report) -> dict[str, torch.Tensor]:
