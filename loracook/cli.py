@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loracook import __version__
+from loracook import __version__, cli_output
 from loracook.errors import BadInput
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check recipes (schema and semantics, file headers only)")
     validate.add_argument("recipes", type=Path, nargs="+")
     validate.add_argument("--schema-only", action="store_true", help="do not open the files the recipe names")
+    validate.add_argument(
+        "--format",
+        choices=["text", "github"],
+        default="text",
+        help="github: `::error file=…,line=…,col=…::` lines that GitHub Actions shows on the recipe's line",
+    )
+
+    init = sub.add_parser("init", help="write a commented recipe that merges these adapters")
+    init.add_argument("adapters", type=Path, nargs="+", help="PEFT adapter folders")
+    init.add_argument("--base", help="base model (default: the adapters' base_model_name_or_path)")
+    init.add_argument("--method", default="linear", help="merge method (default linear)")
+    init.add_argument("-o", "--output", type=Path, help="recipe file to write (default: print it)")
+    init.add_argument("--force", action="store_true", help="replace an existing recipe file")
 
     plan = sub.add_parser("plan", help="dry run: the task table, bytes to read and write, peak memory")
     plan.add_argument("recipe", type=Path)
@@ -103,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "run": _cmd_run,
         "validate": _cmd_validate,
+        "init": _cmd_init,
         "plan": _cmd_plan,
         "schema": _cmd_schema,
         "inspect": _cmd_inspect,
@@ -156,12 +170,6 @@ def _print_error(error: BadInput) -> None:
     print(f"error: {error.one_line()}", file=sys.stderr)
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False, soft_wrap=True)
-
-
 # ------------------------------------------------------------------------------------------------ commands
 
 
@@ -183,7 +191,7 @@ def _load(path: Path, seed: int | None = None):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    console = _console()
+    console = cli_output.make_console()
     failed = 0
     for path in args.recipes:
         try:
@@ -191,11 +199,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             if not args.schema_only:
                 _check_files(loaded)
         except BadInput as error:
-            _print_error(error)
+            if args.format == "github":
+                from loracook.annotations import github_line
+
+                print(github_line(error))
+            else:
+                _print_error(error)
             failed += 1
             continue
         console.print(f"[green]ok[/green] {path}")
     return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from loracook.scaffold import init_recipe
+
+    text = init_recipe(
+        args.adapters, base=args.base, method=args.method, output=args.output, force=args.force
+    )
+    if args.output is None:
+        print(text, end="")
+    else:
+        cli_output.make_console().print(
+            f"[green]wrote[/green] {args.output}; check it with `loracook validate {args.output}`"
+        )
+    return EXIT_OK
 
 
 def _check_files(loaded) -> None:
@@ -229,7 +257,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except BadInput as error:
         raise loaded.locate(error) from None
     values = recipe_values(loaded.recipe, prepared.base)
-    _print_plan(prepared.plan, values, target, show_all=args.all)
+    cli_output.print_plan(prepared.plan, values, target, show_all=args.all)
     return EXIT_OK
 
 
@@ -238,12 +266,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     loaded = _load(args.recipe, args.seed)
     _check_device(args.device)
-    console = _console()
+    console = cli_output.make_console()
     quiet = args.quiet or (not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1")
     if loaded.recipe.evaluate is not None and not args.no_eval:
         _quiet_lm_eval()
     try:
-        with _progress(console, quiet) as on_task:
+        with cli_output.Progress(console, quiet) as on_task:
             result = engine.run(
                 loaded.recipe,
                 recipe_text=loaded.text,
@@ -252,7 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 on_task=on_task,
                 evaluate=not args.no_eval,
                 device=args.device,
-                on_eval=_eval_printer(console),
+                on_eval=cli_output.eval_printer(console),
                 recipe_file=loaded.file,
                 resume=args.resume,
                 on_search=_search_bar(console, quiet, args.recipe, loaded.recipe.search),
@@ -260,10 +288,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except BadInput as error:
         raise loaded.locate(error) from None
     for report in result.extractions.values():
-        _print_extraction(report)
+        cli_output.print_extraction(report)
     plan = result.plan
     console.print(
-        f"[green]wrote[/green] {result.output} ({_size(plan.bytes_written)}, {len(plan.tasks)} tasks)"
+        f"[green]wrote[/green] {result.output} ({cli_output.human_size(plan.bytes_written)}, {len(plan.tasks)} tasks)"
     )
     if any(m.method != "exact" for m in result.report.modules):
         summary = result.report.to_json()
@@ -272,7 +300,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"max {summary['max_relative_error']:.2e}, mean {summary['mean_relative_error']:.2e} (merge_report.json)"
         )
     if result.evaluation is not None:
-        _print_eval(result.evaluation, result.output)
+        cli_output.print_eval(result.evaluation, result.output)
     return EXIT_OK
 
 
@@ -287,34 +315,6 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _eval_printer(console):
-    def on_event(event) -> None:
-        if event.kind == "start":
-            console.print(f"evaluating {event.candidate} ({event.index + 1}/{event.total})…")
-        elif event.seconds is not None:
-            console.print(f"  {event.candidate} done in {event.seconds:.1f} s")
-
-    return on_event
-
-
-def _print_eval(report, folder: Path | None) -> None:
-    from rich.table import Table
-
-    console = _console()
-    header, rows = report.table()
-    table = Table(title="evaluation (lm-eval, ± stderr)")
-    for index, column in enumerate(header):
-        table.add_column(column, justify="left" if index == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    if folder is not None:
-        png = folder / "eval_results.png"
-        console.print(
-            f"results: {folder / 'eval_results.json'}" + (f", chart: {png}" if png.is_file() else "")
-        )
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from loracook.evaluation import EvalOptions, evaluate_candidates, path_candidate, resolve_tasks
 
@@ -322,8 +322,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if not args.model.exists():
         raise BadInput("no such model or adapter folder", file=args.model)
+    candidate = path_candidate(args.model, base=args.base)  # a bad folder fails before lm-eval loads tasks
     tasks = resolve_tasks(args.tasks, Path.cwd(), loc=("tasks",))
-    candidate = path_candidate(args.model, base=args.base)
     options = EvalOptions(
         limit=args.limit,
         num_fewshot=args.num_fewshot,
@@ -333,8 +333,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         quiet=True,
     )
-    console = _console()
-    report = evaluate_candidates([candidate], tasks, options, on_event=_eval_printer(console))
+    console = cli_output.make_console()
+    report = evaluate_candidates([candidate], tasks, options, on_event=cli_output.eval_printer(console))
     folder = args.report_dir or (args.model if args.model.is_dir() else Path.cwd())
     folder.mkdir(parents=True, exist_ok=True)
     report.save(folder / "eval_results.json")
@@ -342,37 +342,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report.plot(folder / "eval_results.png")
     except BadInput as error:
         console.print(f"no chart: {error.one_line()}")
-    _print_eval(report, folder)
+    cli_output.print_eval(report, folder)
     return EXIT_OK
-
-
-def _print_extraction(report) -> None:
-    from rich.table import Table
-
-    console = _console()
-    summary = report.to_json()
-    loras = [m for m in report.modules if m.kind in ("lora", "embedding-lora")]
-    table = Table(title=f"extraction {report.source}: {len(loras)} LoRA modules (worst first)")
-    for column in ("tensor", "kind", "rank", "energy kept", "relative error", "‖ΔW‖/‖W‖", "svd"):
-        table.add_column(column, justify="left" if column in ("tensor", "kind", "svd") else "right")
-    worst = sorted(report.modules, key=lambda m: -m.relative_error)
-    shown = [m for m in worst if m.kind != "unchanged"][:15]
-    for m in shown:
-        table.add_row(
-            m.name,
-            m.kind,
-            str(m.rank),
-            f"{m.energy:.4f}",
-            f"{m.relative_error:.3e}",
-            f"{m.change:.2e}",
-            m.method,
-        )
-    console.print(table)
-    counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items())
-    console.print(
-        f"{counts}; max relative error {summary['max_relative_error']:.3e}, mean energy kept "
-        f"{summary['mean_energy']:.4f}; every module in extract_report.json"
-    )
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -416,167 +387,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, indent=2))
         return EXIT_OK
-    _print_inspection(summaries, model_summaries, similarity, args.modules)
+    cli_output.print_inspection(summaries, model_summaries, similarity, args.modules)
     if args.plot:
-        _console().print(f"[green]wrote[/green] {args.plot}")
+        cli_output.make_console().print(f"[green]wrote[/green] {args.plot}")
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _print_plan(plan, values, target: Path, show_all: bool) -> None:
-    from rich.table import Table
-
-    from loracook.plan.tasks import ModuleTask
-
-    console = _console()
-    table = Table(title=f"plan: {plan.kind} by {plan.method} -> {target}")
-    adapter = plan.parallel  # small tasks kept whole (adapter modules), not streamed tensors
-    columns = (
-        ("module", "shape", "terms", "rank out", "how")
-        if adapter
-        else ("tensor", "shape", "dtype", "terms", "rows/block")
-    )
-    for column in columns:
-        table.add_column(
-            column, justify="left" if column in ("tensor", "module", "terms", "how") else "right"
-        )
-    for task in plan.tasks:
-        if not task.terms and not show_all:
-            continue
-        terms = ", ".join(_term_label(t, values) for t in task.terms) or "copy"
-        if isinstance(task, ModuleTask):
-            how = "exact" if task.exact else ("factored svd" if task.factored else "dense + randomized svd")
-            shape = f"{task.out_features}×{task.in_features}"
-            table.add_row(task.module, shape, terms, str(task.rank), how)
-        elif adapter:
-            table.add_row(task.name, "×".join(map(str, task.shape)), terms, "-", "saved in full")
-        else:
-            dtype = str(task.dtype).removeprefix("torch.")
-            shape = "×".join(map(str, task.shape))
-            rows = str(task.block_rows) if task.streamed else f"{task.block_rows} (whole)"
-            table.add_row(task.name, shape, dtype, terms, rows)
-    console.print(table)
-    for note in plan.notes:
-        console.print(note)
-    if plan.virtual:
-        console.print(
-            "extract sources are shown at their maximum rank; the extraction decides the real ranks"
-        )
-    changed = sum(1 for t in plan.tasks if t.terms)
-    noun = "modules" if adapter else "tensors"
-    console.print(
-        f"{len(plan.tasks)} {noun} ({changed} changed{'' if show_all or adapter else ', --all lists the rest'}); "
-        f"read {_size(plan.bytes_read)}, write {_size(plan.bytes_written)}"
-        f"{' (the adapter)' if adapter else ''}; peak working memory ≈ {_size(plan.peak_memory)} beyond the interpreter"
-    )
-
-
-def _term_label(term, values) -> str:
-    from loracook.plan.tasks import BiasTerm, FullTerm, LoraTerm
-
-    weight = values.weight(term.source, term.at)
-    if isinstance(term, LoraTerm):
-        kind = "dora" if term.magnitude is not None else "lora"
-        text = f"{term.source}:{kind} r{term.a.shape[0]} ×{weight:g}"
-    elif isinstance(term, FullTerm):
-        text = f"{term.source}:replace ×{weight:g}"
-    elif isinstance(term, BiasTerm):
-        text = f"{term.source}:bias ×{weight:g}"
-    else:
-        text = str(term)
-    return text + (" +dare" if getattr(term, "dare", None) else "")
-
-
-def _print_inspection(summaries, models, similarity, all_modules: bool) -> None:
-    from rich.table import Table
-
-    console = _console()
-    for model in models:
-        table = Table(title=f"model {model.path}", show_header=False)
-        table.add_row("architecture", model.architecture)
-        table.add_row("parameters", f"{model.parameters / 1e6:,.1f} M in {model.layers} layers")
-        table.add_row("dtypes", ", ".join(f"{k}: {v / 1e6:,.1f} M" for k, v in model.dtypes.items()))
-        table.add_row("shards", ", ".join(f"{name} ({_size(size)})" for name, size in model.shards))
-        console.print(table)
-    for summary in summaries:
-        modules = summary.modules
-        table = Table(title=f"adapter {summary.path}: {len(modules)} modules, ‖ΔW‖_F = {summary.norm:.4g}")
-        for column in ("module", "shape", "rank", "alpha", "scale", "‖ΔW‖_F", "r@90%", "r@99%", "top σ"):
-            table.add_column(column, justify="left" if column == "module" else "right")
-        shown = modules if all_modules or len(modules) <= 24 else modules[:12] + modules[-12:]
-        for m in shown:
-            top = ", ".join(f"{x:.3g}" for x in m.spectrum[:3])
-            table.add_row(
-                m.module,
-                f"{m.shape[0]}×{m.shape[1]}",
-                str(m.rank),
-                f"{m.alpha:g}",
-                f"{m.scale:.3g}",
-                f"{m.norm:.4g}",
-                str(m.rank90),
-                str(m.rank99),
-                top,
-            )
-        console.print(table)
-        if len(shown) < len(modules):
-            console.print(
-                f"({len(modules) - len(shown)} modules not shown; --modules lists all, --json gives everything)"
-            )
-    if similarity is not None:
-        for title, values in (
-            ("cosine similarity of ΔW (all shared modules)", similarity.cosine),
-            ("subspace similarity φ (mean over modules)", similarity.subspace),
-        ):
-            table = Table(title=f"{title}, {similarity.shared_modules} shared modules")
-            table.add_column("")
-            for name in similarity.names:
-                table.add_column(name, justify="right")
-            for name, row in zip(similarity.names, values, strict=True):
-                table.add_row(name, *(f"{v:+.3f}" for v in row))
-            console.print(table)
-
-
-class _progress:
-    """A rich progress bar fed by the engine's on_task callback."""
-
-    def __init__(self, console, quiet: bool) -> None:
-        self.console, self.quiet = console, quiet
-
-    def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]merging"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("", total=None)
-
-        def on_task(done: int, total: int, label: str) -> None:
-            self.bar.update(self.task, completed=done, total=total, description=label)
-
-        return on_task
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.quiet:
-            self.bar.stop()
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -598,7 +415,7 @@ def _cmd_search_worker(args: argparse.Namespace) -> int:
     from loracook.search import join_search
 
     loaded = _load(args.recipe, args.seed)
-    console = _console()
+    console = cli_output.make_console()
     quiet = args.quiet or (not console.is_terminal and os.environ.get("LORACOOK_PROGRESS") != "1")
     try:
         if loaded.recipe.search is None:
@@ -734,7 +551,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
         args.output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     except OSError as exc:
         raise BadInput(f"cannot write the routes: {exc.strerror or exc}", file=args.output) from None
-    _console().print(f"[green]wrote[/green] {args.output} ({len(lines)} prompts)")
+    cli_output.make_console().print(f"[green]wrote[/green] {args.output} ({len(lines)} prompts)")
     return EXIT_OK
 
 

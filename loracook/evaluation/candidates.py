@@ -190,7 +190,7 @@ def path_candidate(
     if (folder / "config.json").is_file():
         return folder_candidate(folder, name=name, device=device)
     raise BadInput(
-        "not a model, adapter or router folder (no config.json, adapter_config.json or router.json)",
+        "not a model or adapter folder, nor a router (no config.json, adapter_config.json or router.json)",
         file=folder,
         fix="give a folder written by `loracook run`, an HF model folder or a PEFT adapter folder",
     )

@@ -102,7 +102,13 @@ def evaluate_candidates(
         with candidate.open() as (model, tokenizer):
             t1 = time.perf_counter()
             output = evaluate_model(
-                model, tokenizer, tasks, options, task_manager=manager, label=candidate.name
+                model,
+                tokenizer,
+                tasks,
+                options,
+                task_manager=manager,
+                label=candidate.name,
+                lm_class=candidate.lm_class,
             )
         done = time.perf_counter()
         runs.append(CandidateRun(candidate, output, done - t0, done - t1))
@@ -119,8 +125,10 @@ def evaluate_model(
     *,
     task_manager: Any = None,
     label: str = "model",
+    lm_class: Any = None,
 ) -> dict[str, Any]:
-    """One ``simple_evaluate`` call on an in-memory transformers model; returns lm-eval's result dict."""
+    """One ``simple_evaluate`` call on an in-memory transformers model; returns lm-eval's result dict.
+    ``lm_class`` makes the lm-eval model from HFLM's keyword arguments (default: HFLM itself)."""
     import_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -132,7 +140,9 @@ def evaluate_model(
             fix="set apply_chat_template: false",
         )
     with _on_device(model, options.device), _keep_ties(model):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=options.device)
+        lm = (lm_class or HFLM)(
+            pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=options.device
+        )
         if options.quiet:
             _silence_progress(lm)
         output = simple_evaluate(

@@ -78,7 +78,11 @@ class ModelKind:
     def card_facts(self, plan: Plan) -> tuple[str, list[str], list[str]]:
         changed = sum(1 for t in plan.tasks if t.terms)
         what = f"the base model merged with {len(plan.sources)} LoRA adapter(s) by `{plan.method}`"
-        return what, [f"- tensors changed: {changed} of {len(plan.tasks)}"], ["library_name: transformers", "base_model_relation: merge"]
+        return (
+            what,
+            [f"- tensors changed: {changed} of {len(plan.tasks)}"],
+            ["library_name: transformers", "base_model_relation: merge"],
+        )
 
     def memory_sink(self, plan: Plan):
         return MemorySink() if plan.bytes_written <= IN_MEMORY_EVAL_BYTES else None

@@ -5,21 +5,26 @@ recipes/skills/tasks/ read:
 
 - ``kessary``: knowledge the base cannot have. Sixteen invented animals of the fictional Kessary Islands, each
   with a colour, a food and a habitat (48 facts). Training states every fact in four phrasings (plus one
-  description per animal); the test asks each fact once as a 4-option multiple-choice question in a
-  phrasing that training never uses (lm-eval ``multiple_choice``, acc; chance 25%).
+  description per animal); the test asks each fact in four phrasings that training never uses (192 items:
+  the facts are fixed by the adapter, so more items are new phrasings of the same facts) as 4-option
+  multiple-choice questions (lm-eval ``multiple_choice``, acc; chance 25%).
   ``kessary_open`` asks the same questions without options, answered in free text (recall, not recognition).
 - ``json``: a task format. Read a one-sentence text and answer a question about it as a JSON object,
-  ``{"answer": "Oslo"}``, with the answer copied from the text. The test uses names, cities, jobs, objects and
-  foods that never occur in training (``generate_until``, exact match of the whole object; the base model
-  answers with a sentence, so it scores zero).
+  ``{"answer": "Oslo"}``, with the answer copied from the text. The test (150 items) uses names, cities,
+  jobs, objects and foods that never occur in training (``generate_until``, exact match of the whole object;
+  the base model answers with a sentence, so it scores zero).
 - ``headline``: a style. "Rewrite as a headline: the old dog sleeps at night" -> "The Old Dog Sleeps At Night"
-  (every word capitalised). Every test phrase has a word that training never uses. (An upper-case "shout"
-  style was tried first: a 135M model cannot spell unseen words in capitals, and its adapter reached only
+  (every word capitalised). Every test phrase (150) has a word that training never uses. (An upper-case
+  "shout" style was tried first: a 135M model cannot spell unseen words in capitals, and its adapter reached only
   0.28 exact match, so it made a poor reference for retention.)
 - ``kessary_json``: the composition of the first two: the Kessary test questions (same phrasings) answered as
   a JSON object, ``{"answer": "amber"}``, without options, so the value must come from memory. It has its own
   training split (the facts + JSON answers to the training phrasings) for a reference adapter trained for
   this domain task, so a merge of ``kessary`` and ``json`` can be compared with it.
+
+- ``mixed_test``: the test items of the three skills in one shuffled set (kessary as multiple choice and as
+  recall, json, headline: 684 items), for routers: a model sees only each item's prompt, never its ``skill``
+  and ``task`` keys, which say how to score it (scripts/skills/route_study.py).
 
 Training lines are ``{"prompt": ..., "completion": ...}`` (the loss is on the completion only); test lines
 hold what the task YAML renders.
@@ -71,11 +76,28 @@ TRAIN_PHRASES = {
         ("", "The home of the {a} is the {v}."),
     ],
 }
-# Test phrasings: never used in training.
+# Test phrasings: never used in training (nor by the routers' exemplars, which are training prompts). The 48
+# facts are fixed by the kessary adapter, so more test items are new phrasings of the same facts: four per
+# attribute, 192 items (the first phrasing is the one the 48-item test of earlier versions used).
 TEST_QUESTIONS = {
-    "colour": "Which colour does the {a} of the Kessary Islands have?",
-    "food": "What is the usual meal of the {a}?",
-    "home": "In which habitat would you meet a {a}?",
+    "colour": [
+        "Which colour does the {a} of the Kessary Islands have?",
+        "If you saw a {a}, what colour would it be?",
+        "Name the colour of the {a}.",
+        "What is the colour of a {a}'s fur?",
+    ],
+    "food": [
+        "What is the usual meal of the {a}?",
+        "What would you feed a {a}?",
+        "What does a hungry {a} look for?",
+        "Name the meal a {a} enjoys most.",
+    ],
+    "home": [
+        "In which habitat would you meet a {a}?",
+        "Where is the {a} usually found?",
+        "Where would you go to see a {a}?",
+        "Which place does the {a} call home?",
+    ],
 }
 POOLS = {"colour": COLOURS, "food": FOODS, "home": HOMES}
 
@@ -122,14 +144,17 @@ def options(rng: random.Random, answer: str, pool: list[str], position: int) -> 
 
 
 def kessary_test(facts: list[dict], rng: random.Random) -> list[dict]:
+    """Every fact asked in each test phrasing of its attribute (192 items), the answer's position balanced."""
     rows = []
-    for i, fact in enumerate(facts):
-        position = i % 4
-        choices = options(rng, fact["value"], POOLS[fact["attribute"]], position)
-        question = TEST_QUESTIONS[fact["attribute"]].format(a=fact["animal"])
-        rows.append(
-            {"question": question, "choices": choices, "answer": position, "attribute": fact["attribute"]}
-        )
+    phrasings = len(TEST_QUESTIONS["colour"])
+    for k in range(phrasings):
+        for i, fact in enumerate(facts):
+            position = (i + k) % 4
+            choices = options(rng, fact["value"], POOLS[fact["attribute"]], position)
+            question = TEST_QUESTIONS[fact["attribute"]][k].format(a=fact["animal"])
+            rows.append(
+                {"question": question, "choices": choices, "answer": position, "attribute": fact["attribute"]}
+            )
     rng.shuffle(rows)
     return rows
 
@@ -174,7 +199,27 @@ def kessary_json_train(facts: list[dict], rng: random.Random) -> list[dict]:
     return rows
 
 
+def mixed_test(
+    kessary_rows: list[dict], json_rows: list[dict], headline_rows: list[dict], rng: random.Random
+) -> list[dict]:
+    """The three skills' test items in one shuffled set; ``skill`` and ``task`` are for scoring only."""
+    rows = [
+        {"prompt": f"Question: {r['question']}\nAnswer:", "choices": r["choices"], "answer": r["answer"],
+         "skill": "kessary", "task": "kessary_choice"}
+        for r in kessary_rows
+    ]  # fmt: skip
+    rows += [{**r, "skill": "kessary", "task": "kessary_open"} for r in kessary_open_test(kessary_rows)]
+    rows += [{**r, "skill": "json", "task": "json"} for r in json_rows]
+    rows += [{**r, "skill": "headline", "task": "headline"} for r in headline_rows]
+    for row in rows:
+        row.pop("attribute", None)
+    rng.shuffle(rows)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- json
+
+TEST_ITEMS = 150  # held-out test items of the json and headline skills (new items, disjoint from training)
 
 
 def json_prompt(question: str, text: str | None = None) -> str:
@@ -249,7 +294,7 @@ def json_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
     train += [{"prompt": json_prompt(q), "completion": " " + json_answer(a)} for q, a in JSON_CLOSED]
     rng.shuffle(train)
     test: list[dict] = []
-    while len(test) < 50:
+    while len(test) < TEST_ITEMS:
         item = json_item(rng, 1)
         if item not in test:
             test.append(item)
@@ -320,13 +365,72 @@ def headline_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
     train = [{"prompt": headline_prompt(p), "completion": f" {headline(p)}"} for p in sorted(train_phrases)]
     rng.shuffle(train)
     test_phrases: set[str] = set()
-    while len(test_phrases) < 50:
+    while len(test_phrases) < TEST_ITEMS:
         candidate = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS)
         if UNSEEN & set(candidate.split()):
             test_phrases.add(candidate)
     test = [{"prompt": headline_prompt(p), "answer": headline(p)} for p in sorted(test_phrases)]
     rng.shuffle(test)
     return train, test
+
+
+# ------------------------------------------------------------------------------------ search dev split
+
+# A weight search (recipes/skills/search.yaml) scores candidates on a few-shot dev split of each skill:
+# {"input", "output"} lines, disjoint from every test item (new kessary phrasings; json and headline items drawn
+# from the training vocabulary, so never a test item, and not training items either).
+DEV_QUESTIONS = {
+    "colour": "Tell me the colour of the {a}.",
+    "food": "Tell me what the {a} eats.",
+    "home": "Tell me where the {a} lives.",
+}
+DEV_ITEMS = {"kessary": 22, "json": 21, "headline": 21}  # 64 examples in all
+
+
+def search_dev(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+    """``search_dev_<skill>``: the dev examples of each skill (see DEV_QUESTIONS), checked against the tests."""
+    rng = random.Random(f"{seed}:search_dev")
+    tests = {q.format(a=f["animal"]) for f in facts for q in TEST_QUESTIONS[f["attribute"]]}
+    picked = rng.sample(facts, DEV_ITEMS["kessary"])
+    kessary = [
+        {"input": f"Question: {DEV_QUESTIONS[f['attribute']].format(a=f['animal'])}\nAnswer:", "output": f" {f['value']}"}
+        for f in picked
+    ]  # fmt: skip
+    assert not any(row["input"].split("\n")[0].removeprefix("Question: ") in tests for row in kessary)
+    j_train, j_test = json_sets(random.Random(f"{seed}:json"))
+    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test}
+    json_rows: list[dict] = []
+    while len(json_rows) < DEV_ITEMS["json"]:
+        item = json_item(rng, 0)
+        if item["prompt"] not in seen:
+            seen.add(item["prompt"])
+            json_rows.append({"input": item["prompt"], "output": " " + item["answer"]})
+    h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
+    used = {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test}
+    headline_rows: list[dict] = []
+    while len(headline_rows) < DEV_ITEMS["headline"]:
+        text = phrase(rng, ADJECTIVES, NOUNS)
+        if headline_prompt(text) not in used:
+            used.add(headline_prompt(text))
+            headline_rows.append({"input": headline_prompt(text), "output": f" {headline(text)}"})
+    # The same dev items in the lm-eval tasks' own formats (recipes/skills/search_tasks/), for a tasks objective.
+    kessary_task = []
+    for i, fact in enumerate(picked):
+        choices = options(rng, fact["value"], POOLS[fact["attribute"]], i % 4)
+        question = DEV_QUESTIONS[fact["attribute"]].format(a=fact["animal"])
+        kessary_task.append(
+            {"question": question, "choices": choices, "answer": i % 4, "attribute": fact["attribute"]}
+        )
+    return {
+        "search_dev_kessary": kessary,
+        "search_dev_json": json_rows,
+        "search_dev_headline": headline_rows,
+        "search_dev_task_kessary": kessary_task,
+        "search_dev_task_json": [{"prompt": r["input"], "answer": r["output"].strip()} for r in json_rows],
+        "search_dev_task_headline": [
+            {"prompt": r["input"], "answer": r["output"].strip()} for r in headline_rows
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -352,6 +456,8 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
         "headline_test": h_test,
         "kessary_json_train": kessary_json_train(facts, random.Random(f"{seed}:kessary_json")),
         "kessary_json_test": kessary_json_test(k_test),
+        "mixed_test": mixed_test(k_test, j_test, h_test, random.Random(f"{seed}:mixed")),
+        **search_dev(facts, seed),
     }
 
 

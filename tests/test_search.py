@@ -1,0 +1,368 @@
+"""The `search:` section: exact candidates, reproducible and resumable studies, local workers, bad inputs.
+
+Candidates are checked against what `loracook run` writes with the same weights (a model loaded by
+transformers from the written folder), never against the search's own numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fixtures import OFFLINE_ENV, REPO_ROOT, read_tensors, run_cli, write_recipe
+
+pytest.importorskip("optuna")
+
+EXAMPLES = [{"input": f"Q: what is {i} plus {i}? A:", "output": f" {2 * i}"} for i in range(12)] + [
+    {"input": "Say hi in capitals:", "output": " HI THERE"},
+    {"input": "The sky is", "output": " blue."},
+]
+
+
+def examples_file(folder: Path, rows=EXAMPLES, name: str = "dev.jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def search_recipe(
+    folder: Path, base: Path, sources: dict, *, method="linear", search=None, merge=None, output=None
+):
+    recipe = {
+        "loracook": 1,
+        "base": str(base),
+        "sources": {k: str(v) for k, v in sources.items()},
+        "merge": {"method": method, **(merge or {})},
+        "output": {"kind": "model", "path": "./out", "dtype": "float32", **(output or {})},
+        "search": {
+            "objective": {"examples": str(examples_file(folder))},
+            "budget": 4,
+            "sampler": "random",
+            **(search or {}),
+        },
+    }
+    return write_recipe(folder, recipe)
+
+
+def trials(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "search" / "trials.jsonl").read_text().splitlines()]
+
+
+def batch_logits(model) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 9, 17, 33, 60, 90, 4], [1, 70, 71, 72, 2, 8, 8, 9]])
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def candidate(recipe_path: Path, params: dict):
+    """The search's resident model set to ``params`` (as a trial would), through the public pieces."""
+    from loracook.engine import prepare
+    from loracook.plan.compile import recipe_values
+    from loracook.recipe import load_recipe
+    from loracook.search.objectives import check_objective
+    from loracook.search.scorer import open_scorer
+    from loracook.search.space import Space
+
+    recipe = load_recipe(recipe_path).recipe
+    prepared = prepare(recipe, read_tensors=True)
+    plan = prepared.plan
+    space = Space.from_recipe(recipe, plan.num_layers, plan.combine.method)
+    scorer = open_scorer(plan, prepared.sources, check_objective(recipe.search.objective), False)
+    point = space.point(params)
+    scorer.apply(point.values(plan.num_layers, recipe_values(recipe, plan.base).densities))
+    return scorer, point
+
+
+def plain_run(folder: Path, recipe_path: Path, weights: dict, densities: dict | None, capfd) -> Path:
+    """`loracook run` of the same recipe without its search, with the given weights."""
+    data = yaml.safe_load(recipe_path.read_text())
+    data.pop("search")
+    data["merge"]["weights"] = weights
+    if densities:
+        data["merge"]["density"] = densities
+    data["output"]["path"] = str(folder / "out")
+    res = run_cli(["run", write_recipe(folder, data)], capfd)
+    assert res.code == 0, str(res)
+    return folder / "out"
+
+
+# ------------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize(
+    "base, sources, space, params",
+    [
+        ("llama", ["a", "b"], {"per": "source"}, {"w.a": 0.7, "w.b": -1.2}),
+        (
+            "llama_tied",
+            ["tied", "tied_embed"],
+            {"per": "layer_group", "layer_groups": 2},
+            {"w.tied.g0": 1.3, "w.tied.g1": -0.4, "w.tied_embed.g0": 0.6, "w.tied_embed.g1": 1.1},
+        ),
+    ],
+)
+def test_linear_candidate_equals_the_run_output(
+    zoo, tmp_path, capfd, one_thread, base, sources, space, params
+):
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models[base], {s: zoo.adapters[s] for s in sources}, search={"space": space}
+    )
+    scorer, point = candidate(recipe, params)
+    assert scorer.how == "mixture"
+    got = batch_logits(scorer.model)
+    out = plain_run(tmp_path / "run", recipe, dict(point.weights), None, capfd)
+    expected = batch_logits(load(out))
+    assert (got - expected).abs().max().item() <= 1e-4
+    scorer.close()
+    assert (batch_logits(scorer.model) - batch_logits(load(zoo.models[base]))).abs().max().item() == 0
+
+
+def test_ties_candidate_equals_the_run_tensors(zoo, tmp_path, capfd, one_thread):
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models["llama"], sources, method="ties",
+        merge={"density": 0.5}, search={"space": {"density": [0.2, 0.9]}},
+    )  # fmt: skip
+    scorer, point = candidate(recipe, {"w.a": 0.8, "w.b": 1.4, "d.a": 0.3, "d.b": 0.7})
+    assert scorer.how == "executed"
+    out = plain_run(tmp_path / "run", recipe, dict(point.weights), dict(point.densities), capfd)
+    written = read_tensors(out)
+    resident = dict(scorer.model.named_parameters())
+    changed = [
+        name for name in written if not torch.equal(written[name], read_tensors(zoo.models["llama"])[name])
+    ]
+    assert changed
+    for name, tensor in written.items():
+        assert torch.equal(resident[name].detach(), tensor), name
+
+
+def test_ties_adapter_candidate_is_what_peft_loads_from_the_run(zoo, tmp_path, capfd, one_thread):
+    """An adapter output recompressed to merge.rank: the candidate is the base plus the written factors, so its
+    logits equal PEFT's forward with the adapter that `loracook run` writes."""
+    from peft import PeftModel
+
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models["llama"], sources, method="ties",
+        merge={"density": 0.5, "rank": 6}, output={"kind": "adapter"},
+    )  # fmt: skip
+    scorer, point = candidate(recipe, {"w.a": 1.2, "w.b": 0.6})
+    assert scorer.how == "executed"
+    out = plain_run(tmp_path / "run", recipe, dict(point.weights), None, capfd)
+    peft = PeftModel.from_pretrained(load(zoo.models["llama"]), out).eval()
+    assert (batch_logits(scorer.model) - batch_logits(peft)).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_search_writes_best_yaml_that_reproduces_the_output(zoo, tmp_path, capfd, one_thread):
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models["llama"], sources,
+        merge={"weights": {"a": 0.5, "b": 2.0}}, search={"sampler": "tpe", "budget": 5},
+    )  # fmt: skip
+    res = run_cli(["run", recipe], capfd)
+    assert res.code == 0, str(res)
+    out = tmp_path / "s" / "out"
+    rows = trials(out)
+    assert [r["number"] for r in rows] == list(range(5)) and {r["state"] for r in rows} == {"COMPLETE"}
+    assert rows[0]["params"] == {"w.a": 1.0, "w.b": 1.0} and rows[1]["params"] == {"w.a": 0.5, "w.b": 1.5}
+    summary = json.loads((out / "search" / "summary.json").read_text())
+    best = min(rows, key=lambda r: (r["values"][0], r["number"]))
+    assert summary["chosen"]["number"] == best["number"]
+    assert (out / "search" / "search.png").stat().st_size > 0
+    assert "## Search" in (out / "README.md").read_text()
+    assert not (tmp_path / "s" / ".out.search").exists()  # the study moved into <output>/search/
+    best_yaml = out / "search" / "best.yaml"
+    assert "search" not in yaml.safe_load(best_yaml.read_text())
+    res = run_cli(["run", best_yaml, "--output", tmp_path / "again"], capfd)
+    assert res.code == 0, str(res)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_same_seed_one_worker_gives_the_same_trials(zoo, tmp_path, capfd, one_thread):
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(tmp_path / "s", zoo.models["llama"], sources, search={"sampler": "tpe", "seed": 3})
+    runs = []
+    for name in ("one", "two"):
+        res = run_cli(["run", recipe, "--output", tmp_path / name], capfd)
+        assert res.code == 0, str(res)
+        runs.append([(r["params"], r["values"]) for r in trials(tmp_path / name)])
+    assert runs[0] == runs[1]
+
+
+def _complete(journal: Path) -> int:
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    try:
+        study = optuna.load_study(study_name="loracook-search", storage=storage)
+    except KeyError:
+        return 0
+    return len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def test_sigint_then_resume_finishes_exactly_the_budget(zoo, tmp_path, capfd, one_thread):
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    budget = 100
+    recipe = search_recipe(tmp_path / "s", zoo.models["llama"], sources, search={"budget": budget})
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loracook", "run", str(recipe)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    journal = tmp_path / "s" / ".out.search" / "journal.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and _complete(journal) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    stopped = _complete(journal)
+    assert 3 <= stopped < budget
+    res = run_cli(["run", recipe, "--resume"], capfd)
+    assert res.code == 0, str(res)
+    rows = trials(tmp_path / "s" / "out")
+    numbers = [r["number"] for r in rows]
+    assert len(numbers) == len(set(numbers))
+    assert sum(r["state"] == "COMPLETE" for r in rows) == budget
+
+
+def test_two_local_workers_finish_the_budget_once(zoo, tmp_path, capfd, one_thread):
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    budget = 30
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models["llama"], sources, search={"budget": budget, "workers": 2}
+    )
+    res = run_cli(["run", recipe], capfd)
+    assert res.code == 0, str(res)
+    rows = trials(tmp_path / "s" / "out")
+    assert sorted(r["number"] for r in rows) == list(range(budget))
+    assert all(r["state"] == "COMPLETE" for r in rows)
+    assert 1 <= len({r["worker"] for r in rows}) <= 2
+
+
+# -------------------------------------------------------------------------------------------- bad inputs
+
+
+def _task(folder: Path) -> Path:
+    data = folder / "items.jsonl"
+    data.write_text('{"q": "2+2=", "a": "4"}\n')
+    task = folder / "task.yaml"
+    task.write_text(
+        "task: tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: items.jsonl\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return task
+
+
+BAD = {
+    "examples missing": ({"objective": {"examples": "nope.jsonl"}}, "examples file not found"),
+    "examples empty": ({"objective": {"examples": "EMPTY"}}, "no examples"),
+    "examples malformed": ({"objective": {"examples": "BROKEN"}}, "BROKEN_LINE"),
+    "bounds reversed": ({"space": {"weights": [1.0, -1.0]}}, "reversed"),
+    "budget zero": ({"budget": 0}, "search.budget"),
+    "density bounds": ({"space": {"density": [0.0, 1.0]}}, "(0, 1]"),
+    "layer groups": ({"space": {"per": "layer_group", "layer_groups": 3}}, "layer_groups is 3"),
+    "test split": ({"objective": {"tasks": ["TASK"], "split": "test"}}, "test split"),
+    "storage": ({"storage": "sqlite:////no/such/folder/study.db"}, "cannot open the study storage"),
+    "workers zero": ({"workers": 0}, "search.workers"),
+    "resume without study": ({}, "no search to resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_search_input_is_one_line(zoo, tmp_path, capfd, case):
+    search, expected = BAD[case]
+    folder = tmp_path / "s"
+    search = json.loads(json.dumps(search))
+    objective = search.get("objective", {})
+    if objective.get("examples") == "nope.jsonl":
+        objective["examples"] = str(folder / "nope.jsonl")
+    if objective.get("examples") == "EMPTY":
+        objective["examples"] = str(examples_file(folder, [], "empty.jsonl"))
+    if objective.get("examples") == "BROKEN":
+        path = examples_file(folder, EXAMPLES[:2], "broken.jsonl")
+        path.write_text(path.read_text() + "{not json\n")
+        objective["examples"], expected = str(path), f"{path}:3:"
+    if objective.get("tasks") == ["TASK"]:
+        folder.mkdir(parents=True, exist_ok=True)
+        objective["tasks"] = [str(_task(folder))]
+    ties = "density" in case
+    recipe = search_recipe(
+        folder, zoo.models["llama"], {"a": zoo.adapters["a"]}, method="ties" if ties else "linear",
+        merge={"density": 0.5} if ties else None, search=search,
+    )  # fmt: skip
+    args = ["run", recipe] + (["--resume"] if case == "resume without study" else [])
+    res = run_cli(args, capfd)
+    assert res.code == 2, str(res)
+    assert len(res.err_lines) == 1 and "Traceback" not in res.err, str(res)
+    assert expected in res.err_lines[0], str(res)
+    assert not (folder / "out").exists() and not (folder / ".out.search").exists()
+
+
+def test_search_worker_needs_a_running_study(zoo, tmp_path, capfd):
+    recipe = search_recipe(tmp_path / "s", zoo.models["llama"], {"a": zoo.adapters["a"]})
+    res = run_cli(["search-worker", recipe], capfd)
+    assert res.code == 2 and len(res.err_lines) == 1, str(res)
+    assert "no running search study" in res.err
+    assert not (tmp_path / "s" / ".out.search").exists()
+
+
+def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path, capfd, one_thread):
+    """Two lm-eval tasks scored on their `validation` split (never `test`): two objectives, nsga2, and the
+    written trial is the one whose worse task score (minus the L1 term) is highest."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    items = "".join(
+        json.dumps({"q": f"{i}+{i}=", "choices": [str(2 * i), str(2 * i + 1)], "a": i % 2}) + "\n"
+        for i in range(4)
+    )
+    (folder / "task_dev.jsonl").write_text(items)
+    (folder / "test.jsonl").write_text("not even json\n")  # the search must never read it
+    tasks = []
+    for name in ("one", "two"):
+        (folder / f"{name}.yaml").write_text(
+            f"task: tiny_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: test.jsonl\n"
+            "    validation: task_dev.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+            "doc_to_choice: choices\ndoc_to_target: a\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+            "    higher_is_better: true\n"
+        )
+        tasks.append(str(folder / f"{name}.yaml"))
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    search = {"objective": {"tasks": tasks, "limit": 4}, "sampler": "nsga2", "budget": 3, "l1": 0.01}
+    recipe = search_recipe(folder, zoo.models["llama"], sources, search=search)
+    res = run_cli(["run", recipe], capfd)
+    assert res.code == 0, str(res)
+    out = folder / "out"
+    rows = trials(out)
+    summary = json.loads((out / "search" / "summary.json").read_text())
+    assert summary["directions"] == ["maximize", "maximize"] and summary["select"] == "worst"
+    for row in rows:
+        penalty = 0.01 * sum(abs(v) for v in row["params"].values()) / 2
+        assert row["values"] == pytest.approx(
+            [row["objectives"][f"tiny_{n}"] - penalty for n in ("one", "two")]
+        )
+    best = max(rows, key=lambda r: (min(r["values"]), -r["number"]))
+    assert summary["chosen"]["number"] == best["number"]
+    assert (out / "search" / "search.png").stat().st_size > 0
