@@ -481,7 +481,8 @@ def _owner_lock_held(folder: Path) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a run's temp folder, a search worker's trial)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -523,7 +524,7 @@ def sweep_stale(folder: Path, *, now: float | None = None) -> list[Path]:
 def _is_stale(path: Path, pid: int, started: int, now: float) -> bool:
     if _owner_lock_held(path):
         return False
-    return not _pid_alive(pid) or now - started > STALE_AFTER_S
+    return not pid_alive(pid) or now - started > STALE_AFTER_S
 
 
 def _restore_or_remove(old: Path, dest: Path) -> None:

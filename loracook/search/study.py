@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loracook.errors import BadInput
+from loracook.io.writer import pid_alive
 
 JOURNAL = "journal.log"
 STUDY = "loracook-search"
@@ -271,20 +272,10 @@ def fail_stale(study, storage) -> None:
             stale = now - started > STALE_UNTAGGED_SECONDS
         else:
             tag_host, _, pid = tag.rpartition(":")
-            stale = tag_host == host and pid.isdigit() and not _alive(int(pid))
+            stale = tag_host == host and pid.isdigit() and not pid_alive(int(pid))
         if stale:
             with contextlib.suppress(Exception):  # another worker may have done it first
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
