@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures import OFFLINE_ENV, REPO_ROOT, make_llama, make_lora, write_recipe
 
 from loracook.annotations import escape_data, escape_property, github_line, github_lines
 from loracook.errors import BadInput
-from tests.fixtures import OFFLINE_ENV, REPO_ROOT, make_llama, make_lora, write_recipe
 
 HOOKS = REPO_ROOT / ".pre-commit-hooks.yaml"
 

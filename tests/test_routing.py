@@ -343,6 +343,15 @@ def test_route_and_generate_verbs(lab, routers, tmp_path, capfd):
     assert result.code == 0, result
 
 
+def test_validate_and_plan_a_router_recipe(lab, tmp_path, capfd):
+    recipe = write_recipe(tmp_path, router_recipe(lab, tmp_path / "out", ROUTES["gate"]))
+    assert run_cli(["validate", recipe], capfd).code == 0
+    result = run_cli(["plan", recipe], capfd)
+    assert result.code == 0, result
+    assert "router: gate over 3 sources (12 exemplars, embedding layer 1 of 2)" in result.out
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 
