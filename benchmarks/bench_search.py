@@ -16,9 +16,11 @@ Everything runs on the three skill LoRAs of recipes/skills/ and the 64 dev examp
    each one ends with (LoraHub's: its own cross-term model).
 
     .venv/bin/python benchmarks/bench_search.py [--repeat 3] [--budget 40] [--heldout 50] [--threads 1]
-    .venv/bin/python benchmarks/bench_search.py --examples 8 --skip-search     # a cheap objective
+    .venv/bin/python benchmarks/bench_search.py --stages lorahub,heldout      # stages: candidates,ours,lorahub,heldout
+    .venv/bin/python benchmarks/bench_search.py --examples 8 --stages candidates   # a cheap objective
 
-Prints a markdown table and writes benchmarks/.work/search/results.json.
+Prints a markdown table and JSON; benchmarks/.work/search/results-<examples>.json keeps every stage's figures
+(written after each stage, so a run can be split into stages).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def naive(method: str, weights: dict, examples) -> Timer:
 # ------------------------------------------------------------------------------------------------ LoraHub
 
 
-def lorahub_recreation(model, tokenizer, examples, budget: int, seed: int):
+def lorahub_recreation(model, tokenizer, examples, budget: int, seed: int, run: bool = True):
     """LoraHub as published, re-created: Σ w_i A_i and Σ w_i B_i (cross terms), NGOpt from zeros in [-1.5, 1.5],
     loss = cross-entropy of the examples + 0.05·mean|w|. Returns (weights, loss, Timer, the factor summer)."""
     import nevergrad as ng
@@ -157,6 +159,8 @@ def lorahub_recreation(model, tokenizer, examples, budget: int, seed: int):
             mix.set([1.0])
             return objective() + 0.05 * float(np.mean(np.abs(w)))
 
+    if not run:
+        return None, None, None, summed
     parametrization = ng.p.Array(init=[0.0] * len(NAMES), lower=-1.5, upper=1.5)
     parametrization.random_state = np.random.RandomState(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
@@ -183,21 +187,27 @@ def heldout(model, tokenizer, limit: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+STAGES = ("candidates", "ours", "lorahub", "heldout")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument(
-        "--heldout", type=int, default=0, help="lm-eval items per skill for the held-out score"
+        "--heldout", type=int, default=50, help="lm-eval test items per skill (held-out score)"
     )
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--skip-lorahub", action="store_true")
-    parser.add_argument("--skip-search", action="store_true", help="only the per-candidate table")
-    parser.add_argument("--examples", type=int, default=0, help="use only the first N examples (0: all 64)")
+    parser.add_argument("--examples", type=int, default=0, help="use only N of the examples (0: all 64)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    stages = set(args.stages.split(","))
     torch.set_num_threads(args.threads)
-    from loracook.objective import ExamplesObjective, load_examples
+    from transformers import AutoTokenizer
+
+    from loracook.objective import load_examples
+    from loracook.plan.values import Values
 
     dev = pooled_examples()
     examples = load_examples(dev)
@@ -205,21 +215,87 @@ def main() -> None:
         examples = [examples[i * len(examples) // args.examples] for i in range(args.examples)]  # every skill
         dev = WORK / f"dev{args.examples}.jsonl"
         dev.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in examples))
+    out = WORK / f"results-{len(examples)}.json"
+    results: dict = json.loads(out.read_text()) if out.is_file() else {}
+    results.update({"threads": args.threads, "examples": len(examples)})
+
+    def save(stage: str) -> None:  # after each stage, so a stopped run keeps what it measured
+        results.setdefault("load", {})[stage] = os.getloadavg()
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     search = {"objective": {"examples": str(dev)}, "space": {"weights": [-1.5, 1.5]}, "l1": 0.05}
     rng = random.Random(0)
-    results: dict = {"threads": args.threads, "examples": len(examples), "load": os.getloadavg()}
-
-    from transformers import AutoTokenizer
-
     _, plan, mixture = scorer_for(write_recipe(WORK / "linear", "linear", {}, search))
     tokenizer = AutoTokenizer.from_pretrained(plan.base.path)
-    bare = ExamplesObjective(mixture.model, tokenizer, examples)
-    _, _, executed = scorer_for(write_recipe(WORK / "ties", "ties", {}, search))
+    mixture.mixture.detach()
+    if "candidates" in stages:
+        candidates(args, mixture, plan, tokenizer, examples, search, rng, results)
+        save("candidates")
+    if "ours" in stages:
+        from loracook.engine import run as engine_run
+        from loracook.recipe import load_recipe
+
+        search_section = {**search, "budget": args.budget, "sampler": "tpe"}
+        loaded = load_recipe(write_recipe(WORK / "ours", "linear", {}, search_section, "adapter"))
+        with Timer() as timer:
+            result = engine_run(loaded.recipe, recipe_text=loaded.text, force=True, evaluate=False)
+        summary = result.search.summary
+        rows = [r for r in result.search.rows if r.state == "COMPLETE"]
+        outside = [(r.info["seconds"] - r.info["objective_seconds"]) / r.info["seconds"] for r in rows]
+        results["ours"] = {
+            "wall_seconds": timer.wall,
+            "cpu_seconds": timer.cpu,
+            "search_seconds": summary["seconds"],
+            "objective": summary["chosen"]["values"][0],
+            "weights": summary["weights"],
+            "mean_trial_seconds": summary["seconds_per_trial"],
+            "mean_objective_seconds": summary["objective_seconds_mean"],
+            "share_outside_objective": sum(outside) / len(outside),
+        }
+        print(json.dumps(results["ours"], indent=2), flush=True)
+        save("ours")
+    if "lorahub" in stages:
+        weights, loss, timer, _ = lorahub_recreation(mixture.model, tokenizer, examples, args.budget, 0)
+        mixture.mixture.attach()
+        mixture.apply(Values(dict(zip(NAMES, weights)), {}, plan.num_layers))
+        exact_loss = float(mixture.objective()[0]) + 0.05 * sum(abs(w) for w in weights) / len(weights)
+        mixture.mixture.detach()
+        results["lorahub_recreation"] = {
+            "wall_seconds": timer.wall,
+            "cpu_seconds": timer.cpu,
+            "per_candidate_cpu": timer.cpu / args.budget,
+            "objective_own_model": loss,
+            "objective_of_its_weights_merged_exactly": exact_loss,
+            "weights": dict(zip(NAMES, weights)),
+        }
+        print(json.dumps(results["lorahub_recreation"], indent=2), flush=True)
+        save("lorahub")
+    if "heldout" in stages:
+        from loracook.mixture import LoraMixture
+
+        hub = results["lorahub_recreation"]["weights"]
+        _, _, _, summed = lorahub_recreation(mixture.model, tokenizer, examples, 0, 0, run=False)
+        with LoraMixture(mixture.model, {"hub": summed([hub[n] for n in NAMES])}) as mix:
+            mix.set([1.0])
+            results["lorahub_recreation"]["heldout"] = heldout(mixture.model, tokenizer, args.heldout)
+        mixture.mixture.attach()
+        mixture.apply(Values(dict(results["ours"]["weights"]), {}, plan.num_layers))
+        results["ours"]["heldout"] = heldout(mixture.model, tokenizer, args.heldout)
+        mixture.mixture.detach()
+        print(json.dumps({k: results[k]["heldout"] for k in ("ours", "lorahub_recreation")}, indent=2))
+        save("heldout")
+    print(f"wrote {out}")
+
+
+def candidates(args, mixture, plan, tokenizer, examples, search, rng, results) -> None:
+    """Per candidate: the floor, the mixture, the executed ties plan and the naive loops, interleaved."""
+    from loracook.objective import ExamplesObjective
     from loracook.plan.values import Values
 
+    bare = ExamplesObjective(mixture.model, tokenizer, examples)
+    _, _, executed = scorer_for(write_recipe(WORK / "ties", "ties", {}, search))
     rows: dict[str, list[Timer]] = {"floor": [], "mixture": [], "executed ties": []}
     applies: dict[str, list[float]] = {"mixture": [], "executed ties": []}
-    mixture.mixture.detach()
     for _ in range(args.repeat):  # interleaved, so machine noise hits every row alike
         with Timer() as timer:
             bare()
@@ -243,73 +319,11 @@ def main() -> None:
         k: {"cpu": min(t.cpu for t in v), "wall": min(t.wall for t in v)} for k, v in rows.items()
     }
     results["apply_seconds"] = {k: min(v) for k, v in applies.items()}
+    results["floor_cpu"] = floor
     print("| per candidate | CPU s (best) | × floor | wall s (best) |\n|---|---|---|---|")
     for key, value in results["per_candidate"].items():
         print(f"| {key} | {value['cpu']:.2f} | {value['cpu'] / floor:.2f} | {value['wall']:.2f} |")
-    print(f"apply (setting the candidate), wall s: {results['apply_seconds']}")
-
-    if args.skip_search:
-        (WORK / f"results-{len(examples)}.json").write_text(json.dumps(results, indent=2) + "\n")
-        return
-    # ------------------------------------------------------------------- a full search vs the LoraHub re-creation
-    from loracook.engine import run as engine_run
-    from loracook.recipe import load_recipe
-
-    executed.close()
-    del executed
-    recipe_path = write_recipe(
-        WORK / "ours", "linear", {}, {**search, "budget": args.budget, "sampler": "tpe"}, "adapter"
-    )
-    loaded = load_recipe(recipe_path)
-    with Timer() as timer:
-        result = engine_run(loaded.recipe, recipe_text=loaded.text, force=True, evaluate=False)
-    summary = result.search.summary
-    trial_rows = [r for r in result.search.rows if r.state == "COMPLETE"]
-    outside = [(r.info["seconds"] - r.info["objective_seconds"]) / r.info["seconds"] for r in trial_rows]
-    results["ours"] = {
-        "wall_seconds": timer.wall,
-        "cpu_seconds": timer.cpu,
-        "search_seconds": summary["seconds"],
-        "objective": summary["chosen"]["values"][0],
-        "weights": summary["weights"],
-        "mean_trial_seconds": summary["seconds_per_trial"],
-        "mean_objective_seconds": summary["objective_seconds_mean"],
-        "share_outside_objective": sum(outside) / len(outside),
-        "budget_x_floor_cpu": args.budget * floor,
-    }
-    print(json.dumps(results["ours"], indent=2))
-    if not args.skip_lorahub:
-        model = mixture.model  # the same resident base, hooks removed
-        weights, loss, timer, summed = lorahub_recreation(model, tokenizer, examples, args.budget, 0)
-        exact = mixture
-        exact.mixture.attach()
-        exact.apply(Values(dict(zip(NAMES, weights)), {}, plan.num_layers))
-        exact_loss = float(exact.objective()[0]) + 0.05 * sum(abs(w) for w in weights) / len(weights)
-        exact.mixture.detach()
-        results["lorahub_recreation"] = {
-            "wall_seconds": timer.wall,
-            "cpu_seconds": timer.cpu,
-            "per_candidate_cpu": timer.cpu / args.budget,
-            "objective_own_model": loss,
-            "objective_of_its_weights_merged_exactly": exact_loss,
-            "weights": dict(zip(NAMES, weights)),
-        }
-        print(json.dumps(results["lorahub_recreation"], indent=2))
-        if args.heldout:
-            from loracook.mixture import LoraMixture
-
-            with LoraMixture(model, {"hub": summed(weights)}) as mix:
-                mix.set([1.0])
-                results["lorahub_recreation"]["heldout"] = heldout(model, tokenizer, args.heldout)
-            exact.mixture.attach()
-            exact.apply(Values(dict(summary["weights"]), {}, plan.num_layers))
-            results["ours"]["heldout"] = heldout(model, tokenizer, args.heldout)
-            exact.mixture.detach()
-            print(
-                json.dumps({k: results[k].get("heldout") for k in ("ours", "lorahub_recreation")}, indent=2)
-            )
-    (WORK / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {WORK / 'results.json'}")
+    print(f"apply (setting the candidate), wall s: {results['apply_seconds']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
 """One search, start to end: check the inputs, open the study, run the workers, choose the trial to write.
 
 :func:`run_search` is the engine's search step (``loracook run`` on a recipe with ``search:``);
-:func:`join_search` is ``loracook search-worker``: one more worker on a running study, which writes nothing.
+:func:`loracook.search.workers.join_search` is ``loracook search-worker``: one more worker on a running study,
+which writes nothing.
 Both report through ``on_event`` (a :class:`SearchEvent` per finished trial); the terminal is the CLI's business.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,20 +18,11 @@ from pathlib import Path
 from loracook.errors import BadInput
 from loracook.search import study as st
 from loracook.search.objectives import Objectives, check_objective
-from loracook.search.results import (
-    Record,
-    best_recipe,
-    card_section,
-    natural,
-    recipe_yaml,
-    records,
-    select,
-    selection_score,
-    with_card_section,
-    write_files,
-)
+from loracook.search.outcome import SearchOutcome, make_outcome
+from loracook.search.results import natural, records, select, selection_score
 from loracook.search.scorer import Scorer, open_scorer
 from loracook.search.space import Space
+from loracook.search.trials import StopFlag, counts, run_trials
 
 
 @dataclass(frozen=True)
@@ -138,7 +128,7 @@ def run_search(
             st.remove_study(place)
         raise
     study.sampler = ctx.sampler(len(study.trials))
-    report = _reporter(ctx, study, on_event)
+    report = reporter(ctx, study, on_event)
     report("start")
     try:
         return _run(ctx, study, storage, scorer, sources, device, report)
@@ -149,18 +139,20 @@ def run_search(
 
 
 def _run(ctx: Context, study, storage, scorer, sources, device, report) -> SearchOutcome:
+    from loracook.search.workers import spawn, threads_for  # workers builds on this module
+
     place, budget, started = ctx.place, ctx.search.budget, time.perf_counter()
     children: list = []
     shared = multiprocessing.get_context("spawn").Event()
-    with st.StopFlag(lambda: report("stopping"), shared) as stop, _threads(ctx.search.workers):
+    with StopFlag(lambda: report("stopping"), shared) as stop, threads_for(ctx.search.workers):
         try:
-            children = _spawn(ctx, sources, device, shared)
+            children = spawn(ctx, sources, device, shared)
             while True:
-                st.run_trials(
+                run_trials(
                     study, storage, place, budget, ctx.evaluator(scorer), stop, lambda t: report("trial")
                 )
                 _wait(children, study, stop, report, budget)
-                now = st.counts(study)
+                now = counts(study)
                 if stop.check() or (now.complete >= budget and not now.running):
                     break
                 if now.complete + now.running >= budget:  # trials of other hosts still run
@@ -172,11 +164,11 @@ def _run(ctx: Context, study, storage, scorer, sources, device, report) -> Searc
             for child in children:
                 child.join()
             scorer.close()
-    now = st.counts(study)
+    now = counts(study)
     if stop.requested and now.complete < budget:
         report("stopped")
         raise SearchStopped(now.complete, budget, place.shown)
-    outcome = _outcome(ctx, study, scorer, time.perf_counter() - started)
+    outcome = make_outcome(ctx, study, scorer, time.perf_counter() - started)
     report("done")
     return outcome
 
@@ -211,7 +203,7 @@ def _prepare_place(ctx: Context, *, force: bool, resume: bool) -> bool:
     return True
 
 
-def _reporter(ctx: Context, study, on_event) -> Callable[[str], None]:
+def reporter(ctx: Context, study, on_event) -> Callable[[str], None]:
     label = ctx.checked.names[0] if len(ctx.checked.names) == 1 else f"{ctx.search.select} objective"
     signs = ctx.checked.signs
 
@@ -228,12 +220,12 @@ def _reporter(ctx: Context, study, on_event) -> Callable[[str], None]:
     return report
 
 
-def _wait(children: list, study, stop: st.StopFlag, report, budget: int) -> None:
+def _wait(children: list, study, stop: StopFlag, report, budget: int) -> None:
     """Wait for the local workers (they stop at the budget too), reporting their trials as they finish. Once
     the budget is complete and nothing runs, no worker can start a trial: one still starting up is ended."""
-    seen = st.counts(study).complete
+    seen = counts(study).complete
     while any(c.is_alive() for c in children):
-        now = st.counts(study)
+        now = counts(study)
         if now.complete != seen:
             seen = now.complete
             report("trial")
@@ -245,216 +237,3 @@ def _wait(children: list, study, stop: st.StopFlag, report, budget: int) -> None
                     child.terminate()
             return
         time.sleep(0.5)
-
-
-class _threads:
-    """With several local workers, share the cores between them."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-
-    def __enter__(self):
-        import torch
-
-        self.before = torch.get_num_threads()
-        if self.workers > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self.before)
-
-
-# ------------------------------------------------------------------------------------------ local workers
-
-
-def _spawn(ctx: Context, sources: dict, device: str, shared) -> list:
-    if ctx.search.workers <= 1:
-        return []
-    real = real_recipe(ctx.recipe, sources)
-    threads = max(1, (os.cpu_count() or 1) // ctx.search.workers)
-    spawn = multiprocessing.get_context("spawn")
-    children = []
-    for index in range(1, ctx.search.workers):
-        payload = {"recipe": real, "target": str(ctx.target), "device": device, "index": index}
-        child = spawn.Process(target=_child, args=(payload, shared, threads), name=f"loracook-search-{index}")
-        child.start()
-        children.append(child)
-    return children
-
-
-def real_recipe(recipe, sources: dict):
-    """The recipe with every source as the PEFT folder it now is (extractions already run)."""
-    from loracook.recipe.model import AdapterSource
-
-    real = {}
-    for name, source in sources.items():
-        dare = getattr(recipe.sources[name], "dare", None)
-        real[name] = AdapterSource(adapter=str(source.adapter.path), dare=dare)
-    return recipe.model_copy(update={"sources": real})
-
-
-def _child(payload: dict, shared, threads: int) -> None:
-    """A local worker process: the same recipe on the same study, until the budget or a stop."""
-    import sys
-
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        join_search(payload["recipe"], Path(payload["target"]), device=payload["device"],
-                    offset=payload["index"], shared=shared)  # fmt: skip
-    except BadInput as error:
-        print(f"error: search worker {payload['index']}: {error.one_line()}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-
-
-def join_search(
-    recipe,
-    target: Path,
-    *,
-    device: str = "cpu",
-    offset: int = 0,
-    shared=None,
-    on_event: Callable[[SearchEvent], None] | None = None,
-) -> int:
-    """Work on the running study of ``recipe`` until it has its budget (``loracook search-worker``); returns the
-    number of trials this worker finished. Writes nothing but trials."""
-    from loracook.engine import prepare
-    from loracook.sources import make_real
-
-    prepared = prepare(recipe, read_tensors=True)
-    with tempfile.TemporaryDirectory(prefix="loracook-search-worker-") as work:
-        sources = make_real(prepared.sources, Path(work), recipe.merge.seed)
-        ready = all(s.ready for s in prepared.sources.values())
-        plan = prepared.plan if ready else _recompile(recipe, prepared, sources)
-        ctx = Context.check(recipe, plan, Path(target))
-        if ctx.place.url is None and not ctx.place.journal.is_file():
-            raise BadInput(
-                f"search-worker: no running search study at {ctx.place.journal}",
-                loc=("search",),
-                fix="start the search with `loracook run RECIPE` first (several hosts need an RDB "
-                "search.storage URL; see docs/search.md)",
-            )
-        storage = st.open_storage(ctx.place)
-        study = st.load_study(ctx.place, storage, None, ctx.fingerprint, what="search-worker")
-        study.sampler = ctx.sampler(7919 * (offset or os.getpid()) + len(study.trials))
-        scorer = open_scorer(plan, sources, ctx.checked, ctx.search.objective.chat_template, device)
-        mine = []
-        report = _reporter(ctx, study, on_event)
-        with st.StopFlag(shared=shared) as stop:
-            try:
-                st.run_trials(study, storage, ctx.place, ctx.search.budget, ctx.evaluator(scorer), stop,
-                              lambda t: (mine.append(t), report("trial")))  # fmt: skip
-            finally:
-                scorer.close()
-        return len(mine)
-
-
-def _recompile(recipe, prepared, sources):
-    from loracook.plan.compile import compile_plan
-
-    return compile_plan(recipe, prepared.base, sources)
-
-
-# -------------------------------------------------------------------------------------------- the outcome
-
-
-@dataclass
-class SearchOutcome:
-    """The chosen trial as a recipe to merge, and what goes into ``<output>/search/``."""
-
-    recipe: object  # the recipe with the chosen weights: the merge that is written
-    summary: dict
-    rows: list[Record]
-    best_text: str
-    place: st.Place
-    names: tuple[str, ...]
-    signs: tuple[float, ...]
-
-    def write(self, folder: Path) -> None:
-        """best.yaml, trials.jsonl, summary.json, the journal, and search.png when matplotlib is there."""
-        journal = self.place.journal if self.place.url is None else None
-        write_files(folder, self.rows, self.summary, self.best_text, journal)
-        done = [r for r in self.rows if r.state == "COMPLETE"]
-        try:
-            from loracook.search.plot import plot_search
-
-            plot_search(folder / "search.png", done, self.names, self.signs, self.summary["select"],
-                        self.summary["chosen"]["number"])  # fmt: skip
-        except BadInput:
-            pass  # matplotlib is optional: trials.jsonl carries the numbers
-
-    def card(self, card: str) -> str:
-        return with_card_section(card, card_section(self.summary))
-
-    def cleanup(self) -> None:
-        """After the commit: the study now lives in <output>/search/ (journal storage)."""
-        st.remove_study(self.place)
-
-
-def _outcome(ctx: Context, study, scorer: Scorer, seconds: float) -> SearchOutcome:
-    rows = records(study)
-    done = [r for r in rows if r.state == "COMPLETE"]
-    signs, rule = ctx.checked.signs, ctx.search.select
-    chosen = select(done, signs, rule)
-    point = ctx.space.point(chosen.params)
-    recipe = best_recipe(ctx.recipe, point.weights, point.densities, ctx.target)
-    start = next((r for r in done if r.info.get("start") == "all weights 1"), None)
-    summary = {
-        "sampler": ctx.search.sampler,
-        "seed": ctx.search.seed,
-        "budget": ctx.search.budget,
-        "finished": len(done),
-        "failed": sum(r.state == "FAIL" for r in rows),
-        "workers": ctx.search.workers,
-        "objective": _describe(ctx),
-        "objectives": list(ctx.checked.names),
-        "directions": list(ctx.checked.directions),
-        "l1": ctx.search.l1,
-        "select": rule,
-        "rule": _rule(ctx),
-        "scorer": "the LoRA mixture (exact, nothing merged)" if scorer.how == "mixture"
-        else f"executing the compiled plan in memory ({scorer.reason})",
-        "chosen": {"number": chosen.number, "values": chosen.values, "objectives": chosen.info.get("objectives"),
-                   "params": chosen.params},
-        "weights": dict(point.weights),
-        "densities": dict(point.densities),
-        "start": {"label": "all weights 1", "number": start.number, "objectives": start.info.get("objectives")}
-        if start else None,
-        "seconds": seconds,
-        "seconds_per_trial": sum(r.info.get("seconds", 0.0) for r in done) / len(done),
-        "apply_seconds_mean": sum(r.info.get("apply_seconds", 0.0) for r in done) / len(done),
-        "objective_seconds_mean": sum(r.info.get("objective_seconds", 0.0) for r in done) / len(done),
-        "storage": ctx.place.shown,
-    }  # fmt: skip
-    header = (
-        f"The best weights found by the search in recipe {ctx.recipe.name or ctx.target.name!r}: trial "
-        f"{chosen.number} of {len(done)} ({summary['rule']}).\nA plain recipe: `loracook run best.yaml` "
-        "writes the same merge (the search's own files aside)."
-    )
-    return SearchOutcome(
-        recipe, summary, rows, recipe_yaml(recipe, header), ctx.place, ctx.checked.names, signs
-    )
-
-
-def _describe(ctx: Context) -> str:
-    objective = ctx.search.objective
-    if ctx.checked.examples:
-        count = sum(len(rows) for _, rows in ctx.checked.examples)
-        return f"the mean cross-entropy of the output tokens of {count} examples + {ctx.search.l1}·mean|w|"
-    return f"lm-eval tasks on split {objective.split!r} ({', '.join(ctx.checked.names)}) ∓ {ctx.search.l1}·mean|w|"
-
-
-def _rule(ctx: Context) -> str:
-    names = ctx.checked.names
-    if len(names) == 1:
-        best = "lowest" if ctx.checked.directions[0] == "minimize" else "highest"
-        return f"the {best} {names[0]} (with the L1 term)"
-    if ctx.search.select == "worst":
-        return "select: worst, the trial whose worst objective is best"
-    return "select: mean, the trial with the best mean objective"

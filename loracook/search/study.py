@@ -4,32 +4,20 @@ Storage: by default an Optuna journal file in ``<output parent>/.<output name>.s
 itself is written atomically at the end, so the study lives beside it while the search runs and is copied into
 ``<output>/search/`` at the commit); or an RDB URL (``search.storage``), which workers on other hosts join.
 
-The budget counts finished trials. A worker asks for a trial only while finished + running trials are fewer
-than the budget, under a lock shared by the workers of one host, so local workers never overshoot; workers on
-other hosts (RDB) re-check after asking, and a trial asked past the budget is recorded as failed, never run.
+The trial loop itself is in :mod:`loracook.search.trials`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import math
-import os
 import shutil
-import signal
-import socket
 import tempfile
-import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from loracook.errors import BadInput
-from loracook.io.writer import pid_alive
 
 JOURNAL = "journal.log"
 STUDY = "loracook-search"
@@ -187,202 +175,6 @@ def _existing(storage, name: str, count_empty: bool = False) -> int:
 def remove_study(place: Place) -> None:
     if place.url is None:
         shutil.rmtree(place.folder, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------- one worker
-
-
-class StopFlag:
-    """SIGINT (Ctrl-C) asks to stop after the running trial; a second one stops at once. ``shared`` (a
-    multiprocessing Event) carries the request between the local workers.
-
-    The signal handler only sets a flag: it runs between two bytecodes of whatever the main thread is doing,
-    possibly inside the storage's own lock, so anything more (telling the other workers, reporting) happens in
-    :meth:`check`, called by the trial loop."""
-
-    def __init__(self, on_request: Callable[[], None] | None = None, shared=None) -> None:
-        self._signalled = self._told = False
-        self.on_request = on_request
-        self.shared = shared
-        self._previous = None
-
-    @property
-    def requested(self) -> bool:
-        return self._signalled or (self.shared is not None and self.shared.is_set())
-
-    def check(self) -> bool:
-        """True when a stop was asked (here or by another local worker); passes a local request on once."""
-        if self._signalled and not self._told:
-            self._told = True
-            if self.shared is not None:
-                self.shared.set()
-            if self.on_request is not None:
-                self.on_request()
-        return self.requested
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self._signalled:
-            raise KeyboardInterrupt
-        self._signalled = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-@dataclass
-class Counts:
-    complete: int
-    running: int
-    failed: int
-
-
-def counts(study) -> Counts:
-    from optuna.trial import TrialState
-
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    return Counts(
-        states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING), states.count(TrialState.FAIL)
-    )
-
-
-def worker_tag() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def fail_stale(study, storage) -> None:
-    """Mark as failed the RUNNING trials whose worker is gone: on this host, a dead pid; elsewhere, a stale RDB
-    heartbeat (Optuna's own rule)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    if hasattr(storage, "is_heartbeat_enabled") and storage.is_heartbeat_enabled():
-        optuna.storages.fail_stale_trials(study)
-    host = socket.gethostname()
-    now = time.time()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        tag = trial.user_attrs.get("worker")
-        if tag is None:
-            started = trial.datetime_start.timestamp() if trial.datetime_start else now
-            stale = now - started > STALE_UNTAGGED_SECONDS
-        else:
-            tag_host, _, pid = tag.rpartition(":")
-            stale = tag_host == host and pid.isdigit() and not pid_alive(int(pid))
-        if stale:
-            with contextlib.suppress(Exception):  # another worker may have done it first
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-
-
-@contextlib.contextmanager
-def budget_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def heartbeat(storage, trial) -> Iterator[None]:
-    """Keep an RDB trial's heartbeat fresh while it runs, so other hosts do not fail it as stale."""
-    if not (hasattr(storage, "is_heartbeat_enabled") and storage.is_heartbeat_enabled()):
-        yield
-        return
-    done = threading.Event()
-
-    def beat() -> None:
-        while not done.is_set():
-            with contextlib.suppress(Exception):
-                storage.record_heartbeat(trial._trial_id)
-            done.wait(storage.get_heartbeat_interval() or 30)
-
-    thread = threading.Thread(target=beat, name="loracook-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=5)
-
-
-@dataclass(frozen=True)
-class Trial:
-    """What a finished trial reports to the progress callback."""
-
-    number: int
-    values: list[float] | None
-    seconds: float
-
-
-def run_trials(
-    study,
-    storage,
-    place: Place,
-    budget: int,
-    evaluate: Callable,
-    stop: StopFlag,
-    on_trial: Callable[[Trial], None] | None = None,
-) -> None:
-    """Ask, evaluate and tell trials until the budget is reached (finished + running) or a stop is asked.
-
-    ``evaluate(trial) -> (values, user_attrs)``; values None or not finite records the trial as failed."""
-    from optuna.trial import TrialState
-
-    failures = 0
-    while not stop.check():
-        if failures >= MAX_FAILURES_IN_A_ROW:
-            raise BadInput(
-                f"{failures} trials in a row gave a non-finite objective (NaN or infinity)",
-                loc=("search", "space", "weights"),
-                fix="narrow the weight bounds",
-            )
-        with budget_lock(place.lock_file()):
-            fail_stale(study, storage)
-            now = counts(study)
-            if now.complete + now.running >= budget:
-                return
-            trial = study.ask()
-            trial.set_user_attr("worker", worker_tag())
-        if place.url is not None and _past_budget(study, trial.number, budget):
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        start = time.perf_counter()
-        try:
-            with heartbeat(storage, trial):
-                values, attrs = evaluate(trial)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                study.tell(trial, state=TrialState.FAIL)
-            raise
-        seconds = time.perf_counter() - start
-        trial.set_user_attr("info", {**attrs, "seconds": seconds})  # one journal write
-        finite = values is not None and all(math.isfinite(v) for v in values)
-        failures = 0 if finite else failures + 1
-        if finite:
-            study.tell(trial, values if len(values) > 1 else values[0])
-        else:
-            study.tell(trial, state=TrialState.FAIL)
-        if on_trial is not None:
-            on_trial(Trial(trial.number, values if finite else None, seconds))
-
-
-def _past_budget(study, number: int, budget: int) -> bool:
-    """Another host asked at the same moment: count the finished and running trials numbered before this one."""
-    from optuna.trial import TrialState
-
-    before = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        if t.number < number
-    ]
-    return len(before) >= budget
 
 
 def fingerprint(recipe, checked) -> dict:

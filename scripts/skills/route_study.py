@@ -50,6 +50,7 @@ SKILLS_DIR = ROOT / "recipes" / "skills"
 DATA = SKILLS_DIR / "data"
 OUT = ROOT / "out" / "skills"
 RESULTS = SKILLS_DIR / "route_results.json"
+PARTIAL = OUT / "route_study_partial.json"  # per-candidate results of an unfinished run (--resume)
 DOC = ROOT / "docs" / "quality.md"
 CHART = ROOT / "docs" / "quality_routing.png"
 BEGIN, END = "<!-- routing study: begin (scripts/skills/route_study.py) -->", "<!-- routing study: end -->"
@@ -358,13 +359,19 @@ def search_weights() -> list[float] | None:
     return [float(weights[s]) for s in SKILLS]
 
 
-def evaluate(scorer: Scorer, outputs: dict[str, Path], items: dict[str, list[dict]], names) -> dict:
-    """The candidates on the mixed set and the composed task: per-item scores and routing decisions."""
+def evaluate(
+    scorer: Scorer, outputs: dict[str, Path], items: dict[str, list[dict]], names, done=None
+) -> dict:
+    """The candidates on the mixed set and the composed task: per-item scores and routing decisions. Each
+    candidate's results are saved to PARTIAL as soon as they are complete; ``done`` (from PARTIAL) is kept."""
     from loracook.routing.model import attach_router
 
     adapters = {s: SKILLS_DIR / "adapters" / s for s in SKILLS}
-    per: dict[str, dict] = {}
+    per: dict[str, dict] = dict(done or {})
     for name in names:
+        if name in per:
+            log(f"{name}: kept from {PARTIAL}")
+            continue
         started = time.perf_counter()
         sets = ("composed",) if name == "kessary_json" else ("mixed", "composed")
         per[name] = {}
@@ -396,6 +403,7 @@ def evaluate(scorer: Scorer, outputs: dict[str, Path], items: dict[str, list[dic
                 static.mixture.detach()
         per[name]["seconds"] = round(time.perf_counter() - started, 1)
         log(f"{name}: {summary_line(per[name], items)} ({per[name]['seconds']} s)")
+        PARTIAL.write_text(json.dumps({"items": items, "per": per}) + "\n")
     return per
 
 
@@ -661,6 +669,9 @@ def main() -> None:
     parser.add_argument(
         "--doc-only", action="store_true", help="rewrite the doc section from the saved results"
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the candidates an unfinished run completed"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--only",
@@ -681,7 +692,11 @@ def main() -> None:
     outputs = build(args.reuse)
     items = load_items(args.limit)
     names = [n for n in args.only or CANDIDATES if n != "search" or search_weights() is not None]
-    per = evaluate(Scorer(), outputs, items, names)
+    done = None
+    if args.resume and PARTIAL.is_file():
+        partial = json.loads(PARTIAL.read_text())
+        done = partial["per"] if partial["items"] == items else None
+    per = evaluate(Scorer(), outputs, items, names, done)
     machine = f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"
     results = {"per": per, "items": items, "machine": machine, "search_weights": search_weights()}
     if args.only and RESULTS.is_file():

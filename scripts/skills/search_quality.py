@@ -35,6 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", type=Path, default=ROOT / "out" / "skills" / "search")
     parser.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
+    parser.add_argument(
+        "--weights", action="append", default=[], metavar="LABEL=K,J,H",
+        help="also score these weights (kessary, json, headline), e.g. pooled=0.85,0.68,0.52",
+    )  # fmt: skip
+    parser.add_argument("--reuse", action="store_true", help="keep the scores already in the JSON file")
     args = parser.parse_args()
 
     import logging
@@ -57,10 +62,18 @@ def main() -> None:
     candidates["linear 1.0"] = {n: 1.0 for n in NAMES}
     candidates["linear 0.5"] = {n: 0.5 for n in NAMES}
     candidates["searched"] = {n: float(searched[n]) for n in NAMES}
+    for spec in args.weights:
+        label, _, values = spec.partition("=")
+        candidates[label] = dict(zip(NAMES, map(float, values.split(",")), strict=True))
     folders = {n: SKILLS / "adapters" / n for n in NAMES}
+    out = SKILLS / "search_quality.json"
+    saved = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
     scores: dict[str, dict[str, list[float]]] = {}
     with LoraMixture.from_peft(loaded.model, folders) as mix:
         for label, weights in candidates.items():
+            if saved.get("weights", {}).get(label) == weights and label in saved.get("scores", {}):
+                scores[label] = saved["scores"][label]
+                continue
             start = time.perf_counter()
             mix.set(weights)
             output = evaluate_model(loaded.model, loaded.tokenizer, tasks, options, label=label)
@@ -77,7 +90,6 @@ def main() -> None:
                 ]
             print(f"{label}: {scores[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
     table = _table(scores, searched)
-    out = SKILLS / "search_quality.json"
     out.write_text(json.dumps({"weights": candidates, "scores": scores, "limit": args.limit,
                                "search": summary}, indent=2) + "\n")  # fmt: skip
     print(table)
