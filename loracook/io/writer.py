@@ -8,6 +8,9 @@ The output path follows one rule, :func:`check_destination`: never replace or de
 contains one, the recipe's folder, the current or home folder; re-checked at commit time under a lock, with a
 rename that cannot replace what another run just wrote. Temporary names embed the pid and the time, so the next
 run removes what a killed one left behind (:func:`sweep_stale`).
+
+The shard layout is in ``shards``, the output path rule in ``destination``, temporary names, the sweep and work
+folders in ``temp_folders``, the locks in ``locks``; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -16,167 +19,50 @@ import ctypes
 import errno
 import functools
 import json
-import math
 import os
 import queue
-import re
 import secrets
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from loracook.errors import BadInput
+from loracook.io.destination import check_destination
+from loracook.io.locks import _OWNER_LOCK, _dest_lock, _hold_owner_lock, _unlink
+from loracook.io.shards import TensorSpec, shard_layout, shard_names
 from loracook.io.signals import deferred_signals, register_cleanup, unregister_cleanup
+from loracook.io.temp_folders import (
+    _TEMP_NAME,  # noqa: F401 - read as writer._TEMP_NAME by tests
+    STALE_AFTER_S,
+    _make_parents,
+    _remove_empty,
+    _rmtree,
+    pid_alive,
+    sweep_stale,
+    temp_prefix,
+    work_folder,
+)
 from loracook.io.tensors import DTYPE_NAMES
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no locks, the mkdir claim still makes commits exclusive
-    fcntl = None  # type: ignore[assignment]
+__all__ = [
+    "STALE_AFTER_S",
+    "OutputFolder",
+    "TensorSpec",
+    "check_destination",
+    "pid_alive",
+    "rename_noreplace",
+    "shard_layout",
+    "shard_names",
+    "sweep_stale",
+    "temp_prefix",
+    "work_folder",
+]
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def shard_layout(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
-    """Split tensors, in order, into shards of at most ``shard_size`` bytes (a bigger tensor gets its own)."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return [s for s in shards if s] or [[]]
-
-
-def shard_names(count: int, stem: str = "model") -> list[str]:
-    if count == 1:
-        return [f"{stem}.safetensors"]
-    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-# ------------------------------------------------------------------------------------------ the output path
-
-STALE_AFTER_S = 3600  # an unlocked temporary folder this old is stale even if its pid is alive (pid reuse)
-_OWNER_LOCK = ".loracook-owner.lock"  # inside a temporary folder, locked by the run that writes it
 _SCRATCH = ".loracook-scratch"  # work files inside the temporary folder, removed before the commit
-# .{dest name}.loracook-{new|old|work}-{pid}-{unix time}-{random}: a run's new output, an old one moved aside,
-# or a run's work folder (adapters extracted on the way)
-_TEMP_NAME = re.compile(
-    r"^\.(?P<name>.+)\.loracook-(?P<kind>new|old|work)-(?P<pid>\d+)-(?P<time>\d+)-[a-z0-9_]+$"
-)
-_LOCK_NAME = re.compile(r"^\.(?P<name>.+)\.loracook-lock$")
-
-
-def temp_prefix(name: str, kind: str = "new") -> str:
-    """The start of a temporary name beside ``name`` that a later run recognises: it embeds the pid and the
-    time, so :func:`sweep_stale` can tell a folder left by a killed run from one that a live run is writing."""
-    return f".{name}.loracook-{kind}-{os.getpid()}-{int(time.time())}-"
-
-
-def check_destination(dest: str | Path, *, force: bool, protect: Iterable[str | Path] = ()) -> Path:
-    """The one rule for an output path; raises BadInput (one line, with the fix) before any work is done.
-
-    Refused whatever ``--force`` says: an empty path or ``.``; the current folder, the home folder, ``/`` or
-    any of their parents; a path that is, contains or lies inside one of ``protect`` (the run's inputs, and
-    the recipe file, so its folder is refused too); a symbolic link (a dangling one would fail only after all
-    the work, and replacing a link would silently move the output elsewhere); a file. An existing folder is
-    refused without ``force``. Compared after resolving symlinks, so no spelling of a path slips through.
-
-    >>> check_destination("", force=True)  # doctest: +SKIP
-    BadInput: the output path is empty (or `.`, the current folder)
-    """
-    raw = os.fspath(dest)
-    if raw.strip() in ("", "."):
-        raise BadInput(
-            "the output path is empty (or `.`, the current folder)",
-            file=repr(raw),
-            fix="name a new folder, e.g. --output out/merged",
-        )
-    path = Path(raw)
-    real = Path(os.path.realpath(path))
-    _refuse_special(path, real)
-    _refuse_inputs(path, real, protect)
-    if os.path.islink(path):
-        what = "a symbolic link" if path.exists() else "a symbolic link to nothing (dangling)"
-        raise BadInput(
-            f"the output path is {what}, pointing to {os.readlink(path)}",
-            file=path,
-            fix="remove the link, or give the real folder as the output",
-        )
-    if path.exists():
-        if not path.is_dir():
-            raise BadInput("the output path is a file, not a folder", file=path, fix="choose another path")
-        if not force:
-            raise BadInput("the output already exists", file=path, fix="pass --force to replace it")
-    else:
-        _refuse_file_in_path(path)
-    return path
-
-
-def _refuse_special(path: Path, real: Path) -> None:
-    places = (
-        (Path(os.path.realpath(os.getcwd())), "the current folder"),
-        (Path(os.path.realpath(os.path.expanduser("~"))), "the home folder"),
-        (Path("/"), "the root folder"),
-    )
-    for place, what in places:
-        if real == place or real in place.parents:
-            relation = "" if real == place else "a parent of "
-            raise BadInput(
-                f"the output path is {relation}{what}, which loracook would replace",
-                file=path,
-                fix="name a new folder, e.g. --output out/merged",
-            )
-
-
-def _refuse_inputs(path: Path, real: Path, protect: Iterable[str | Path]) -> None:
-    for item in protect:
-        if item is None or os.fspath(item) == "":
-            continue
-        guarded = Path(os.path.realpath(item))
-        if real == guarded:
-            relation = "is"
-        elif real in guarded.parents:
-            relation = "contains"
-        elif guarded in real.parents and guarded.is_dir():
-            relation = "lies inside"
-        else:
-            continue
-        raise BadInput(
-            f"the output folder {relation} an input of this run ({item})",
-            file=path,
-            fix="choose another output path; loracook never replaces, deletes or writes into its inputs",
-        )
-
-
-def _refuse_file_in_path(path: Path) -> None:
-    for ancestor in path.parents:
-        if ancestor.exists() or os.path.islink(ancestor):
-            if not ancestor.is_dir():
-                raise BadInput(
-                    "a part of the output path is a file, not a folder",
-                    file=ancestor,
-                    fix="fix the output path",
-                )
-            return
 
 
 class OutputFolder:
@@ -392,222 +278,6 @@ class OutputFolder:
         if self._owner is not None:
             os.close(self._owner)
             self._owner = None
-
-
-@contextmanager
-def work_folder(dest: str | Path) -> Iterator[Path]:
-    """A temporary work folder beside ``dest`` (e.g. for adapters extracted before the merge), removed when the
-    block ends, whatever ends it; named and locked like an output's temporary folder, so that after a SIGKILL
-    the next run in that parent folder removes it. Use it instead of ``tempfile.TemporaryDirectory``."""
-    dest = Path(dest)
-    made = _make_parents(dest.parent)
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=temp_prefix(dest.name, "work"), dir=dest.parent))
-    except OSError as exc:
-        _remove_empty(made)
-        raise BadInput(
-            f"cannot create a folder beside the output: {exc.strerror}",
-            file=dest.parent,
-            fix="make that folder writable, or choose an output on a writable disk",
-        ) from None
-    owner = None
-    token = register_cleanup(lambda: _rmtree(folder))
-    try:
-        owner = _hold_owner_lock(folder)
-        yield folder
-    finally:
-        _rmtree(folder)
-        _remove_empty(made)
-        unregister_cleanup(token)
-        if owner is not None:
-            os.close(owner)
-
-
-def _make_parents(parent: Path) -> list[Path]:
-    """Create the missing folders above the output; returns them (deepest last) so a failed run removes them."""
-    missing: list[Path] = []
-    for folder in [parent, *parent.parents]:
-        if folder.exists():
-            break
-        missing.append(folder)
-    made: list[Path] = []
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            _remove_empty(made)
-            raise BadInput(
-                f"cannot create the output's parent folder: {exc.strerror}",
-                file=folder,
-                fix="make its parent writable, or choose an output on a writable disk",
-            ) from None
-        made.append(folder)
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in reversed(folders):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _hold_owner_lock(folder: Path) -> int | None:
-    """Lock a file inside the temporary folder for as long as this run owns it: the sweep of a later run never
-    removes a folder whose lock is held, however old it is, and the kernel drops the lock when we die."""
-    fd = os.open(folder / _OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def _owner_lock_held(folder: Path) -> bool:
-    if fcntl is None:
-        return False
-    try:
-        fd = os.open(folder / _OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False  # no lock file (yet, or any more): the pid and the age decide
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing also releases a lock we just took
-    return False
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (a run's temp folder, a search worker's trial)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale(folder: Path, *, now: float | None = None) -> list[Path]:
-    """Remove what killed runs left in ``folder``; returns what it removed. Best effort: never raises.
-
-    A temporary folder is stale when no process holds its owner lock and either its pid is gone or it is older
-    than an hour (a reused pid). An old output that a killed commit had moved aside is put back when its
-    destination is missing, else removed. Lock files that nobody holds are removed."""
-    removed: list[Path] = []
-    now = time.time() if now is None else now
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return removed
-    for name in names:
-        match = _TEMP_NAME.match(name)
-        path = folder / name
-        try:
-            if match is not None and _is_stale(path, int(match["pid"]), int(match["time"]), now):
-                if match["kind"] == "old":
-                    _restore_or_remove(path, folder / match["name"])
-                else:
-                    _rmtree(path)
-                removed.append(path)
-            elif _LOCK_NAME.match(name) and _remove_idle_lock(path):
-                removed.append(path)
-        except OSError:
-            continue
-    return removed
-
-
-def _is_stale(path: Path, pid: int, started: int, now: float) -> bool:
-    if _owner_lock_held(path):
-        return False
-    return not pid_alive(pid) or now - started > STALE_AFTER_S
-
-
-def _restore_or_remove(old: Path, dest: Path) -> None:
-    with _dest_lock(dest):
-        if not os.path.lexists(dest):
-            os.rename(old, dest)
-        else:
-            _rmtree(old)
-
-
-def _rmtree(path: Path) -> None:
-    """Remove a tree, making read-only folders inside it writable first (an old output may hold some)."""
-
-    def retry(function, name, excinfo) -> None:  # noqa: ANN001 - shutil's onerror signature
-        try:
-            os.chmod(os.path.dirname(name), 0o700)
-            function(name)
-        except OSError:
-            pass
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=retry)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-# ------------------------------------------------------------------------------------- locks and renames
-
-
-def _lock_path(dest: Path) -> Path:
-    return dest.parent / f".{dest.name}.loracook-lock"
-
-
-def _acquire(path: Path, *, blocking: bool) -> int | None:
-    """An exclusive flock on ``path`` that is still the file at ``path`` (a holder unlinks it on release)."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # the holder removed it while we waited: lock the new file instead
-
-
-@contextmanager
-def _dest_lock(dest: Path) -> Iterator[None]:
-    """Serialise commits (and the sweep's restores) to one destination across processes."""
-    if fcntl is None:
-        yield
-        return
-    path = _lock_path(dest)
-    fd = _acquire(path, blocking=True)
-    try:
-        yield
-    finally:
-        _unlink(path)
-        os.close(fd)  # type: ignore[arg-type]
-
-
-def _remove_idle_lock(path: Path) -> bool:
-    if fcntl is None:
-        return False
-    fd = _acquire(path, blocking=False)
-    if fd is None:
-        return False
-    _unlink(path)
-    os.close(fd)
-    return True
 
 
 _AT_FDCWD = -100
