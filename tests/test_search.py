@@ -247,6 +247,67 @@ def test_sigint_then_resume_finishes_exactly_the_budget(zoo, tmp_path, capfd, on
     assert sum(r["state"] == "COMPLETE" for r in rows) == budget
 
 
+def test_sigterm_with_two_workers_stops_them_all_and_resumes(zoo, tmp_path, capfd, one_thread):
+    """SIGTERM (kill, Slurm, timeout) stops the whole search: the main process and its local workers end within a
+    trial, nothing is left running, the temporary output is gone, and --resume finishes the budget."""
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    budget = 200
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models["llama"], sources, search={"budget": budget, "workers": 2}
+    )
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loracook", "run", str(recipe)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    journal = tmp_path / "s" / ".out.search" / "journal.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and _complete(journal) >= 4:
+            break
+        time.sleep(0.1)
+    children = _children(proc.pid)
+    assert children, "the search should run a second worker process"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)], "a search worker outlived the search"
+    assert not (tmp_path / "s" / "out").exists()
+    assert not [p for p in (tmp_path / "s").iterdir() if ".loracook-work-" in p.name]
+    stopped = _complete(journal)
+    assert 4 <= stopped < budget
+    res = run_cli(["run", recipe, "--resume"], capfd)
+    assert res.code == 0, str(res)
+    rows = trials(tmp_path / "s" / "out")
+    numbers = [r["number"] for r in rows]
+    assert len(numbers) == len(set(numbers))
+    assert sum(r["state"] == "COMPLETE" for r in rows) == budget
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_two_local_workers_finish_the_budget_once(zoo, tmp_path, capfd, one_thread):
     sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
     budget = 30
