@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 
-from loracook.ops import sparsify
+from loracook.ops import lowrank_merge, sparsify
 from loracook.ops.lowrank_merge import core_space, knots, polar, tsv, tsv_dense
 from loracook.ops.prune_ranked import (
     breadcrumbs,
@@ -188,6 +188,37 @@ def test_knots_basis_is_orthonormal_and_rank_is_the_concatenation_rank():
     assert (
         B.shape[1] == int(torch.linalg.matrix_rank(torch.cat(dense(pairs), dim=1))) == 10
     )  # 13 - 3 repeated
+
+
+@pytest.mark.parametrize("inner_name", ["sum", "ties"])
+def test_core_space_forming_q_gives_the_same_merge(pairs, inner_name, monkeypatch):
+    """Core Space applies its bases as B_stack W S⁻¹ unless a stack is ill-conditioned, then as Q P; both ways
+    match the reference (here Q P is forced on every case)."""
+    fast = core_space(pairs, INNERS[inner_name]())
+    monkeypatch.setattr(lowrank_merge, "COND_NO_Q", 0.0)
+    with_q = core_space(pairs, INNERS[inner_name]())
+    ref = ref_core_space(pairs, INNERS[inner_name]())
+    assert rel_err(*with_q, ref) <= TOL and rel_err(*fast, ref) <= TOL
+    assert with_q[0].shape == fast[0].shape and with_q[1].shape == fast[1].shape
+
+
+def test_core_space_ill_conditioned_stack_matches_reference(monkeypatch):
+    """Two nearly equal adapters: σ_min / σ_1 of the stacked B's is about 1e-7, above the rank cut (1e-10) but
+    past COND_NO_Q, so the basis is formed from Q; the merge still matches the reference."""
+    g = torch.Generator().manual_seed(11)
+    B1, A1 = torch.randn(24, 4, generator=g) / 5, torch.randn(4, 20, generator=g) / 5
+    B2 = B1 + 1e-7 * torch.randn(24, 4, generator=g)
+    A2 = torch.randn(4, 20, generator=g) / 5
+    pairs = [(1.0, B1, A1), (0.5, B2, A2), (-0.4, *make_pairs(24, 20, (3,), (1.0,), seed=2)[0][1:])]
+    S = torch.linalg.svdvals(torch.cat([B.double() for _, B, _ in pairs], dim=1))
+    assert 1e-10 < float(S[-1] / S[0]) < 1 / lowrank_merge.COND_NO_Q
+    formed = []
+    householder = torch.linalg.householder_product
+    monkeypatch.setattr(torch.linalg, "householder_product", lambda *a: formed.append(1) or householder(*a))
+    for inner in (weighted_sum, ties_inner):
+        B, A = core_space(pairs, inner)
+        assert rel_err(B, A, ref_core_space(pairs, inner)) <= TOL
+    assert formed  # the Q path ran
 
 
 def test_all_zero_adapters_give_an_empty_merge():

@@ -81,16 +81,37 @@ def _blocks(ranks: Sequence[int]) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def _left_singular(M: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """M (m × p, p small) = Q T with the SVD T = P S Wᵀ: returns Q, T, P and S, truncated to the numerical rank.
+COND_NO_Q = 1e6
+"""Core Space applies a basis U = Q P as M W S⁻¹ (without forming Q) while σ_1/σ_k ≤ this: the rounding that
+the division amplifies by σ_1/σ_k then stays below about 1e-16 · 1e6 = 1e-10 of a unit vector."""
 
-    Q P are the left singular vectors of M (in the order of S), obtained for O(m p²) instead of an SVD of M;
-    T is kept because Qᵀ M = T gives the coordinates of M's columns in that basis for free.
+
+def _stack_bases(Mb: Tensor, Ma: Tensor, rtol: float):
+    """The left singular vectors of two tall-thin matrices M (m × p, p small), from a QR M = Q T and an SVD
+    T = P S Wᵀ of the p × p triangular factor: O(m p²) instead of an SVD of M.
+
+    Returns per matrix (T, P, F, C), truncated to the numerical rank k: T gives the coordinates of M's columns
+    (Uᵀ M = Pᵀ T for U = Q P), and the basis itself is U = F C. While M is well conditioned (σ_1/σ_k ≤
+    ``COND_NO_Q``) F = M and C = W S⁻¹ (M W = Q P S), which skips forming Q (LAPACK orgqr, as costly as the QR
+    itself on SmolLM2 shapes); otherwise F = Q and C = P. When both triangular factors are square of one size
+    (out, in ≥ R), their SVDs run as one batched call (one LAPACK call per matrix, as before, one dispatch).
     """
-    Q, T = torch.linalg.qr(M)
-    P, S, _ = torch.linalg.svd(T, full_matrices=False)
-    k = _rank(S, rtol)
-    return Q, T, P[:, :k], S[:k]
+    (hb, tau_b), (ha, tau_a) = torch.geqrf(Mb), torch.geqrf(Ma)  # R in the upper triangle, reflectors below
+    Tb, Ta = hb[: min(Mb.shape)].triu(), ha[: min(Ma.shape)].triu()
+    if Tb.shape == Ta.shape:
+        P, S, Wh = torch.linalg.svd(torch.stack((Tb, Ta)), full_matrices=False)
+        svds = [(P[0], S[0], Wh[0]), (P[1], S[1], Wh[1])]
+    else:
+        svds = [torch.linalg.svd(Tb, full_matrices=False), torch.linalg.svd(Ta, full_matrices=False)]
+    out = []
+    for M, T, (h, tau), (P, S, Wh) in zip((Mb, Ma), (Tb, Ta), ((hb, tau_b), (ha, tau_a)), svds, strict=True):
+        k = _rank(S, rtol)
+        P, S, Wh = P[:, :k], S[:k], Wh[:k]
+        if k and float(S[0]) <= COND_NO_Q * float(S[-1]):
+            out.append((T, P, M, Wh.mT / S))
+        else:
+            out.append((T, P, torch.linalg.householder_product(h[:, : tau.shape[0]], tau), P))
+    return out
 
 
 def polar(M: Tensor) -> Tensor:
@@ -173,11 +194,12 @@ def core_space(
     the official code (SVDs of the stacked factors, with each adapter's scale inside its B).
 
     In factor space: QR of the stacked B's (out × R) and of the stacked Aᵀ's (in × R), SVDs of the two R × R
-    triangular factors; U_Bᵀ B_i and A_i V_A are read off the triangular factors, so each core costs O(R² r_i).
-    Cost O((out + in) R²) plus ``inner`` on n matrices of R × R.
+    triangular factors; U_Bᵀ B_i and A_i V_A are read off the triangular factors, so each core costs O(R² r_i),
+    and the bases are applied from the stacks themselves (U_B = B_stack W_b S_b⁻¹) unless a stack is
+    ill-conditioned (see :data:`COND_NO_Q`). Cost O((out + in) R²) plus ``inner`` on n matrices of R × R.
 
     Returns (B, A) = (U_B, merged · V_Aᵀ), or (U_B · merged, V_Aᵀ) when V_A is the narrower basis: rank ≤ R,
-    and one factor has orthonormal columns or rows.
+    and one factor has orthonormal columns or rows (to rounding).
 
     >>> B1, A1, B2, A2 = torch.randn(6, 2), torch.randn(2, 5), torch.randn(6, 3), torch.randn(3, 5)
     >>> weighted_sum = lambda mats, w: sum(wi * m for wi, m in zip(w, mats))
@@ -186,17 +208,20 @@ def core_space(
     True
     """
     out, inp, dtype = _check_pairs(pairs)
-    Qb, Tb, Pb, _ = _left_singular(torch.cat([B.double() for _, B, _ in pairs], dim=1), rtol)
-    Qa, Ta, Pa, _ = _left_singular(torch.cat([A.double() for _, _, A in pairs], dim=0).mT, rtol)
+    (Tb, Pb, Fb, Cb), (Ta, Pa, Fa, Ca) = _stack_bases(
+        torch.cat([B for _, B, _ in pairs], dim=1).double(),  # [B_1 … B_n], out × R
+        torch.cat([A for _, _, A in pairs], dim=0).double().mT,  # [A_1; …; A_n]ᵀ, in × R
+        rtol,
+    )
     if Pb.shape[1] == 0 or Pa.shape[1] == 0:
         return _empty(out, inp, dtype)
-    blocks = _blocks([B.shape[1] for _, B, _ in pairs])
-    cores = [(Pb.mT @ Tb[:, blk]) @ (Ta[:, blk].mT @ Pa) for blk in blocks]  # U_Bᵀ B_i · A_i V_A
+    left, right = Pb.mT @ Tb, Ta.mT @ Pa  # U_Bᵀ [B_1 … B_n] and [A_1; …; A_n] V_A, both small
+    cores = [left[:, blk] @ right[blk] for blk in _blocks([B.shape[1] for _, B, _ in pairs])]
     merged = inner(cores, [float(w) for w, _, _ in pairs])
-    U_B, V_A = Qb @ Pb, Qa @ Pa
-    if U_B.shape[1] <= V_A.shape[1]:  # the narrower of the two factorizations of U_B · merged · V_Aᵀ
-        return U_B.to(dtype), (merged @ V_A.mT).to(dtype)
-    return (U_B @ merged).to(dtype), V_A.mT.to(dtype)
+    # U_B = Fb Cb, V_A = Fa Ca; the output is the narrower of (U_B, merged V_Aᵀ) and (U_B merged, V_Aᵀ)
+    if Pb.shape[1] <= Pa.shape[1]:
+        return (Fb @ Cb).to(dtype), ((merged @ Ca.mT) @ Fa.mT).to(dtype)
+    return (Fb @ (Cb @ merged)).to(dtype), (Ca.mT @ Fa.mT).to(dtype)
 
 
 # ---------------------------------------------------------------- Task Singular Vectors
