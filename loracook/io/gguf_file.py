@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -203,7 +203,30 @@ class _StreamingFile:
         self.temp.unlink(missing_ok=True)
 
 
+_Writer = TypeVar("_Writer", bound="_StreamingWriter")
+
+
+class _StreamingWriter:
+    """What both GGUF writers do with their :class:`_StreamingFile` (``self._file``) once the tensors are in:
+    :meth:`close` renames it into place, :meth:`abort` removes it, and a ``with`` block does one or the other."""
+
+    _file: _StreamingFile
+
+    def close(self) -> Path:
+        return self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()
+
+    def __enter__(self: _Writer) -> _Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
 
 def _block(qtype: Any) -> int:
     return _gguf().GGML_QUANT_SIZES[qtype][0]
-

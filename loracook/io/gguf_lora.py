@@ -11,7 +11,18 @@ from typing import Any
 import numpy as np
 
 from loracook.errors import BadInput
-from loracook.io.gguf_file import GGUFTensor, _block, _gguf, _StreamingFile, _to_numpy, _types, gguf_arch, permute_qk
+from loracook.io.gguf_file import (
+    GGUFTensor,
+    _block,
+    _gguf,
+    _StreamingFile,
+    _StreamingWriter,
+    _to_numpy,
+    _types,
+    gguf_arch,
+    permute_qk,
+)
+
 
 def check_adapter_export(tensor_names: Iterable[str], base_config: Mapping[str, Any], file_type: str) -> None:
     """Everything GGUFAdapterSink would refuse, at validate/plan time: the type, the base's architecture, and
@@ -43,7 +54,7 @@ def lora_alpha_and_gains(
     return 0.0, {module: float(scales[module]) for module in ranks}
 
 
-class GGUFLoraWriter:
+class GGUFLoraWriter(_StreamingWriter):
     """Stream a LoRA adapter into a llama.cpp adapter GGUF (what convert_lora_to_gguf.py writes).
 
     ``modules`` maps each HF module name (``model.layers.0.self_attn.q_proj``) to (rank, out_features,
@@ -123,21 +134,6 @@ class GGUFLoraWriter:
             elif spec.transform == "transpose":
                 data = np.ascontiguousarray(data.T)
             self._file.append(spec, data)
-
-    def close(self) -> Path:
-        return self._file.close()
-
-    def abort(self) -> None:
-        self._file.abort()
-
-    def __enter__(self) -> GGUFLoraWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 _PEFT_FACTORS = {

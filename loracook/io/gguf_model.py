@@ -16,8 +16,18 @@ from typing import Any
 import numpy as np
 
 from loracook.errors import BadInput
-from loracook.io.gguf_file import GGUFTensor, _gguf, _StreamingFile, _to_numpy, _types, gguf_arch, permute_qk
+from loracook.io.gguf_file import (
+    GGUFTensor,
+    _gguf,
+    _StreamingFile,
+    _StreamingWriter,
+    _to_numpy,
+    _types,
+    gguf_arch,
+    permute_qk,
+)
 from loracook.io.gguf_tokenizer import _add_tokenizer, tokenizer_metadata
+
 
 def _weight_qtype(shape: Sequence[int], file_type: str) -> Any:
     """llama.cpp's rule: 1-D tensors stay f32; q8_0 falls back to f16 for rows that are not whole blocks."""
@@ -85,6 +95,7 @@ def check_model_export(config: Mapping[str, Any], tokenizer_dir: str | Path | No
     if tokenizer_dir is not None:
         tokenizer_metadata(tokenizer_dir, int(config["vocab_size"]), config)
 
+
 def _add_hparams(writer: Any, config: Mapping[str, Any], file_type: str, name: str | None) -> None:
     """The ``{arch}.*`` keys llama.cpp's converter writes for Llama/Mistral/Qwen2/Qwen3 and transformers reads."""
     _check_rope(config)
@@ -113,7 +124,7 @@ def _add_hparams(writer: Any, config: Mapping[str, Any], file_type: str, name: s
     writer.add_vocab_size(int(config["vocab_size"]))
 
 
-class GGUFModelWriter:
+class GGUFModelWriter(_StreamingWriter):
     """Stream a model into one GGUF file.
 
     >>> with GGUFModelWriter(out, config=cfg, tokenizer_dir=base, tensors=shapes, file_type="q8_0") as w:  # doctest: +SKIP
@@ -181,21 +192,6 @@ class GGUFModelWriter:
         rest = pending[whole:]
         self._pending = np.array(rest, copy=True) if len(rest) else None  # the caller may reuse its buffer
 
-    def close(self) -> Path:
-        return self._file.close()
-
-    def abort(self) -> None:
-        self._file.abort()
-
-    def __enter__(self) -> GGUFModelWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 class GGUFModelSink:
     """A model output as GGUF, behind the executor's sink protocol (``start(specs)``, ``write(name, rows)``,
@@ -238,5 +234,3 @@ class GGUFModelSink:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
-
-

@@ -142,4 +142,3 @@ def _add_tokenizer(writer: Any, meta: Mapping[str, Any]) -> None:
     writer.add_add_eos_token(bool(meta["add_eos"]))
     if meta.get("chat_template"):
         writer.add_chat_template(meta["chat_template"])
-

@@ -16,7 +16,6 @@ convert_lora_to_gguf.py), through the ``gguf`` package's tensor-name map:
 - adapters: ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and per module
   ``<base tensor>.lora_a`` (ne = [in, r]) and ``<base tensor>.lora_b`` (ne = [r, out]).
 
-
 The code lives in four modules, re-exported here: ``gguf_file`` (types, architectures, the streamed file),
 ``gguf_tokenizer`` (the tokenizer keys), ``gguf_model`` (models) and ``gguf_lora`` (llama.cpp LoRA adapters).
 """
@@ -27,8 +26,6 @@ from loracook.io.gguf_file import FILE_TYPES, GGUFTensor, gguf_arch, permute_qk
 from loracook.io.gguf_lora import GGUFAdapterSink, GGUFLoraWriter, check_adapter_export, lora_alpha_and_gains
 from loracook.io.gguf_model import GGUFModelSink, GGUFModelWriter, check_model_export, model_specs
 from loracook.io.gguf_tokenizer import tokenizer_metadata
-
-from loracook.errors import BadInput
 
 __all__ = [
     "FILE_TYPES",
