@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loracook.safe_regex import peft_pattern_matches
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,10 @@ class AdapterFacts:
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
-    """PEFT's rank_pattern/alpha_pattern lookup: keys are regexes matched as ``(.*\\.)?(key)$``, first wins."""
+    """PEFT's rank_pattern/alpha_pattern lookup: keys are regexes matched as ``(.*\\.)?(key)$``, first wins. The
+    keys come from files on disk, so they are matched in linear time (safe_regex)."""
     for key, value in patterns.items():
-        if key == module or re.match(rf"(.*\.)?({key})$", module):
+        if key == module or peft_pattern_matches(key, module):
             return value
     return None
 
