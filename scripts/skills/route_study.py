@@ -57,7 +57,7 @@ BEGIN, END = "<!-- routing study: begin (scripts/skills/route_study.py) -->", "<
 sys.path.insert(0, str(ROOT))
 
 SKILLS = ("kessary", "json", "headline")
-SEARCH = OUT / "search" / "search" / "best.yaml"  # written by `loracook run recipes/skills/search.yaml`
+SEARCH = OUT / "search-tasks" / "search" / "best.yaml"  # by `loracook run recipes/skills/search-tasks.yaml`
 EXEMPLARS = 64
 BATCH = 32
 # task -> (label, skill, new tokens, lm-eval exact_match options); kessary_choice is scored by loglikelihood
@@ -76,7 +76,7 @@ CANDIDATES = {
     "ties": ("ties, weight 1, density 0.5, rank 24 (the best static merge at full weight)", "merge"),
     "linear_half": ("linear, weight 0.5 each (exact; the best static merge at half weight)", "merge"),
     "search": (
-        "linear with the weights the weight search found (recipes/skills/search.yaml; exact)",
+        "linear with the weights the weight search found (recipes/skills/search-tasks.yaml; exact)",
         "merge",
     ),
     "centroid": ("router: centroid of the exemplar embeddings, top-1", "router"),
@@ -593,7 +593,7 @@ def findings(results: dict) -> list[str]:
         out.append(f"- `{name}`: mean retention {mean:.2f}, worst skill {weakest} at {worst:.2f}.")
         if worst > best_worst:
             best_name, best_worst = name, worst
-    verdict = "meets" if best_worst >= 0.95 else f"misses by {0.95 - best_worst:.2f}"
+    verdict = "is met" if best_worst >= 0.95 else f"is missed by {0.95 - best_worst:.2f}"
     out.append(
         f"- Best worst-skill retention: `{best_name}` at {best_worst:.2f}; the goal (≥ 0.95 on every skill) "
         f"{verdict}."
@@ -605,6 +605,13 @@ def findings(results: dict) -> list[str]:
         f"- Composed task: the adapter trained for it scores {fmt(reference)}; the best other candidate is "
         f"`{best}` at {fmt(composed[best])}."
     )
+    routers = {n: composed[n][0] for n in ROUTERS if composed.get(n)}
+    if routers and reference and max(routers.values()) < reference[0] / 2:
+        out.append(
+            "- No router composes the two skills: each one sends a Kessary question asked for JSON mostly to one "
+            "adapter (see the counts above), and a mix of the two adapters does not answer it either "
+            f"(best router: {max(routers.values()):.3f})."
+        )
     return out
 
 

@@ -5,7 +5,7 @@ exact linear merge for any weights; one-hot weights are each adapter alone) and 
 held-out test items of recipes/skills/tasks/: each skill adapter alone (the retention reference), the linear
 merge at weights 1.0 and 0.5, and the searched weights read from <search output>/search/summary.json.
 
-    python scripts/skills/search_quality.py [--search out/skills/search] [--limit N]
+    python scripts/skills/search_quality.py [--search out/skills/search] [--label L] [--limit N] [--weights L=K,J,H] [--reuse]
 
 Writes recipes/skills/search_quality.json and prints a markdown table (score ± stderr, retention = score ÷
 the skill adapter's own score, its stderr by the delta method).
@@ -40,6 +40,7 @@ def main() -> None:
         help="also score these weights (kessary, json, headline), e.g. pooled=0.85,0.68,0.52",
     )  # fmt: skip
     parser.add_argument("--reuse", action="store_true", help="keep the scores already in the JSON file")
+    parser.add_argument("--label", default="searched", help="the searched weights' row in the table")
     args = parser.parse_args()
 
     import logging
@@ -61,7 +62,7 @@ def main() -> None:
     candidates = {f"{n} alone": {m: float(m == n) for m in NAMES} for n in NAMES}
     candidates["linear 1.0"] = {n: 1.0 for n in NAMES}
     candidates["linear 0.5"] = {n: 0.5 for n in NAMES}
-    candidates["searched"] = {n: float(searched[n]) for n in NAMES}
+    candidates[args.label] = {n: float(searched[n]) for n in NAMES}
     for spec in args.weights:
         label, _, values = spec.partition("=")
         candidates[label] = dict(zip(NAMES, map(float, values.split(",")), strict=True))

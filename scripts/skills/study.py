@@ -43,6 +43,8 @@ ROOT = HERE.parents[1]
 SKILLS = ROOT / "recipes" / "skills"
 OUT = ROOT / "out" / "skills"
 DOC = ROOT / "docs" / "quality.md"
+ROUTING_BEGIN = "<!-- routing study: begin (scripts/skills/route_study.py) -->"
+ROUTING_END = "<!-- routing study: end -->"
 CHART = ROOT / "docs" / "quality.png"
 RESULTS = SKILLS / "study_results.json"
 TIMINGS = SKILLS / "study_timings.json"
@@ -104,6 +106,8 @@ ROWS = [
     Row("core_space", "merge", "core_space (ties inner, density 0.5), weight 1: 24 × 24 cores", FOUR,
         recipe="merge-core-space"),
     Row("tsv", "merge", "tsv, weight 1: top-8 singular vectors per skill, decorrelated", FOUR, recipe="merge-tsv"),
+    Row("search", "merge", "linear with searched weights (search-tasks.yaml: 40 TPE trials on dev splits)", FOUR,
+        recipe="search-tasks"),
     Row("linear_half", "merge", "linear, weight 0.5 each, rank 24", FOUR, recipe="merge-linear-half"),
     Row("ties_half", "merge", "ties, weight 0.5, density 0.5, rank 24", FOUR, recipe="merge-ties-half"),
     Row("dare_ties_half", "merge", "dare_ties, weight 0.5, density 0.5, rank 24", FOUR,
@@ -157,9 +161,14 @@ def check_inputs() -> None:
 
 
 def run_recipe(recipe: str, reuse: bool) -> tuple[Path, float]:
-    """``loracook run`` through the CLI, as a user would; returns the output folder and the wall time."""
+    """``loracook run`` through the CLI, as a user would; returns the output folder and the wall time. A weight
+    search's output (it has search/best.yaml) is always kept: the search takes about 30 minutes here; run
+    ``loracook run recipes/skills/search-tasks.yaml --force`` to redo it."""
     output = OUT / recipe.removeprefix("merge-")
-    if reuse and ((output / "adapter_config.json").is_file() or (output / "config.json").is_file()):
+    searched = (output / "search" / "best.yaml").is_file()
+    if searched or (
+        reuse and ((output / "adapter_config.json").is_file() or (output / "config.json").is_file())
+    ):
         return output, 0.0
     command = [
         sys.executable,
@@ -734,7 +743,12 @@ def write_doc(report, timings: dict, finetune: Path, problems: list[str]) -> Non
         *table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()], "lr"),
         "",
     ]
-    DOC.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    old = DOC.read_text(encoding="utf-8") if DOC.is_file() else ""
+    if ROUTING_BEGIN in old and ROUTING_END in old:  # the routing study's section (route_study.py) is kept
+        kept = ROUTING_BEGIN + old.split(ROUTING_BEGIN, 1)[1].split(ROUTING_END, 1)[0] + ROUTING_END
+        text = text.rstrip("\n") + "\n\n" + kept + "\n"
+    DOC.write_text(text, encoding="utf-8")
 
 
 def print_table(report, rows: list[Row]) -> None:
