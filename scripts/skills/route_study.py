@@ -10,7 +10,7 @@ Steps, all offline, on SmolLM2-135M-Instruct with the skill LoRAs of recipes/ski
    and the inputs of the search dev split, all disjoint from every test item by construction
    (scripts/skills/make_data.py);
 2. builds the routers with `loracook run recipes/skills/route-{centroid,gate,arrow}.yaml` (output kind router)
-   and the best static merge of docs/quality.md with `loracook run recipes/skills/merge-ties.yaml` (out/skills/);
+   and the merges of MERGED (ties and the LoRA-native knots, core_space, tsv) with `loracook run recipes/skills/merge-*.yaml` (out/skills/);
 3. scores every candidate on the same items, in the same batches of 32 (formed by prompt length):
    - the mixed set (recipes/skills/data/mixed_test.jsonl, 684 items of the three skills shuffled together:
      kessary as 4-option multiple choice and as recall, json, headline). A candidate sees each item's prompt
@@ -70,11 +70,19 @@ TASKS = {
     "kessary_json": ("kessary in json", None, 16, {}),
 }  # fmt: skip
 ROUTERS = ("centroid", "gate", "arrow")
+# merges written as adapters by `loracook run recipes/skills/<recipe>.yaml` (into out/skills/), scored at weight 1
+MERGED = {"ties": "merge-ties", "knots": "merge-knots", "core_space": "merge-core-space", "tsv": "merge-tsv"}
 # name -> (what it is, kind)
 CANDIDATES = {
     "oracle": ("each item answered by its skill's own adapter (uses the skill label)", "oracle"),
     "ties": ("ties, weight 1, density 0.5, rank 24 (the best static merge at full weight)", "merge"),
     "linear_half": ("linear, weight 0.5 each (exact; the best static merge at half weight)", "merge"),
+    "knots": (
+        "knots (ties inner, density 0.5), weight 1, rank ≤ 24 (LoRA-native: shared SVD basis)",
+        "merge",
+    ),
+    "core_space": ("core_space (ties inner, density 0.5), weight 1 (LoRA-native: 24 × 24 cores)", "merge"),
+    "tsv": ("tsv, weight 1, top 8 singular vectors per skill, decorrelated (LoRA-native)", "merge"),
     "search": (
         "linear with the weights the weight search found (recipes/skills/search-tasks.yaml; exact)",
         "merge",
@@ -113,14 +121,14 @@ def write_exemplars() -> dict[str, Path]:
 
 
 def build(reuse: bool) -> dict[str, Path]:
-    """Run the router recipes and the ties merge through the CLI (`loracook run`), into out/skills/."""
+    """Run the router recipes and the merges of MERGED through the CLI (`loracook run`), into out/skills/."""
     from loracook.cli import main
 
     jobs = {m: f"route-{m}" for m in ROUTERS}
-    jobs["ties"] = "merge-ties"
+    jobs.update(MERGED)
     outputs = {}
     for name, recipe in jobs.items():
-        target = OUT / f"route-{name}" if name in ROUTERS else OUT / "ties"
+        target = OUT / f"route-{name}" if name in ROUTERS else OUT / recipe.removeprefix("merge-")
         outputs[name] = target
         if reuse and target.is_dir():
             continue
@@ -385,8 +393,8 @@ def evaluate(
         else:
             if name == "oracle":
                 static = Static(scorer, adapters, by_skill=True)
-            elif name == "ties":
-                static = Static(scorer, {"ties": outputs["ties"]}, vector=[1.0])
+            elif name in MERGED:  # a merged adapter written by `loracook run`, applied at weight 1
+                static = Static(scorer, {name: outputs[name]}, vector=[1.0])
             elif name == "linear_half":
                 static = Static(scorer, adapters, vector=[0.5, 0.5, 0.5])
             elif name == "search":
@@ -507,8 +515,10 @@ def section(results: dict) -> str:
     own = all_scores["oracle"]
     lines = [BEGIN, "", "## Routing: a router instead of a merge", ""]
     lines += [
-        "`scripts/skills/route_study.py` scores three routers (docs/routing.md) against the oracle and the best "
-        "static merges on the **same items in the same mixed batches**: the mixed test set "
+        "`scripts/skills/route_study.py` scores three routers (docs/routing.md) against the oracle, the best "
+        "static merges of the tables above, the weight search's result (docs/search.md) and the LoRA-native "
+        "merges `knots`, `core_space` and `tsv` (docs/merge-methods.md), all on the **same items in the same "
+        "mixed batches**: the mixed test set "
         f"(`recipes/skills/data/mixed_test.jsonl`, {len(items['mixed'])} items of the three skills shuffled "
         "together; a candidate sees only the prompt) and the composed task (Kessary questions answered as JSON, "
         f"{len(items['composed'])} items). The held-out tests are larger than in the tables above: 150 new items "

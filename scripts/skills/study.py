@@ -129,6 +129,11 @@ DEMO = ("base", "kessary", "json", "headline", "linear", "ties", "dare_ties", "s
         "headline_full_ft", "headline_extracted")  # fmt: skip
 
 
+# The demo scores the first 50 test items of each task (the size of the first test sets; the full study uses all
+# 150-192), which keeps `make demo` to minutes on 2 cores. lm-eval's limit takes the first items in file order.
+DEMO_LIMIT = 50
+
+
 def demo_rows() -> list[Row]:
     return [replace(r, tasks=tuple(t for t in r.tasks if t in THREE)) for r in ROWS if r.name in DEMO]
 
@@ -191,7 +196,9 @@ def run_recipe(recipe: str, reuse: bool) -> tuple[Path, float]:
 # -------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_size: int):
+def evaluate(
+    rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_size: int, limit: int | None = None
+):
     """Score every row on its tasks, one lm-eval report per row; one base model in memory."""
 
     from loracook.evaluation import (
@@ -211,7 +218,7 @@ def evaluate(rows: list[Row], outputs: dict[str, Path], finetune: Path, batch_si
     base = load_model(smollm2_folder())
     log(f"base loaded in {time.perf_counter() - start:.1f} s")
     task_sets = {}
-    options = EvalOptions(batch_size=batch_size)
+    options = EvalOptions(batch_size=batch_size, limit=limit)
     reports = []
     for row in rows:
         if row.kind == "base":
@@ -785,6 +792,11 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="one recipe per method, the three skills; no doc")
     parser.add_argument("--reuse", action="store_true", help="keep merged outputs already in out/skills/")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help=f"score the first N test items of each task (--demo: {DEMO_LIMIT}; else all)",
+    )
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/ alone")
     parser.add_argument("--doc-only", action="store_true", help="rewrite the doc and chart from saved scores")
     parser.add_argument("--verbose", action="store_true", help="show lm-eval's progress bars and notices")
@@ -817,13 +829,16 @@ def main() -> None:
             log(f"loracook run {row.recipe}.yaml -> {outputs[row.name].relative_to(ROOT)} ({seconds:.1f} s)")
     log(f"evaluating {len(rows)} candidates…")
     t0 = time.perf_counter()
-    reports = evaluate(rows, outputs, finetune, args.batch_size)
+    limit = args.limit if args.limit is not None else (DEMO_LIMIT if args.demo else None)
+    reports = evaluate(rows, outputs, finetune, args.batch_size, limit)
     timings["evaluation (all rows)"] = time.perf_counter() - t0
     report = combine(reports)
     timings["total"] = time.perf_counter() - started
     print_table(report, rows)
-    if args.demo:
-        log(f"demo done in {timings['total']:.0f} s; merged adapters in {OUT.relative_to(ROOT)}/;"
+    if args.demo or limit is not None:
+        if limit is not None:
+            log(f"scored on the first {limit} test items of each task (docs/quality.md uses all of them)")
+        log(f"done in {timings['total']:.0f} s; merged adapters in {OUT.relative_to(ROOT)}/;"
             " the full study with every method and weight: python scripts/skills/study.py")  # fmt: skip
         return
     report.save(RESULTS)
