@@ -7,6 +7,7 @@ the rendering in ``cli_output``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The CLI shows its own progress (rich); transformers' and the hub's tqdm bars ("Loading weights") would
+    # interleave with it. Read when transformers is imported, which is later than this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = {
         "run": _cmd_run,
         "validate": _cmd_validate,
