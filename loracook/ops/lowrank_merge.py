@@ -72,7 +72,11 @@ def _rank(S: Tensor, rtol: float) -> int:
     Counted in Python on the (short) list of values, the same float64 comparisons as on the tensor without
     four small-tensor operations per call.
     """
-    values = S.tolist()
+    return _count_above(S.tolist(), rtol)
+
+
+def _count_above(values: list[float], rtol: float) -> int:
+    """:func:`_rank` on the values as a list."""
     if not values or values[0] <= 0.0:
         return 0
     cut = rtol * values[0]
@@ -105,15 +109,16 @@ def _stack_bases(Mb: Tensor, Ma: Tensor, rtol: float):
     (hb, tau_b), (ha, tau_a) = torch.geqrf(Mb), torch.geqrf(Ma)  # R in the upper triangle, reflectors below
     Tb, Ta = hb[: min(Mb.shape)].triu(), ha[: min(Ma.shape)].triu()
     if Tb.shape == Ta.shape:
-        P, S, Wh = torch.linalg.svd(torch.stack((Tb, Ta)), full_matrices=False)
-        svds = [(P[0], S[0], Wh[0]), (P[1], S[1], Wh[1])]
+        svds = list(zip(*torch.linalg.svd(torch.stack((Tb, Ta)), full_matrices=False), strict=True))
     else:
         svds = [torch.linalg.svd(Tb, full_matrices=False), torch.linalg.svd(Ta, full_matrices=False)]
     out = []
     for M, T, (h, tau), (P, S, Wh) in zip((Mb, Ma), (Tb, Ta), ((hb, tau_b), (ha, tau_a)), svds, strict=True):
-        k = _rank(S, rtol)
-        P, S, Wh = P[:, :k], S[:k], Wh[:k]
-        if k and float(S[0]) <= COND_NO_Q * float(S[-1]):
+        values = S.tolist()  # one conversion for the rank and the condition number
+        k = _count_above(values, rtol)
+        if k < len(values):
+            P, S, Wh = P[:, :k], S[:k], Wh[:k]
+        if k and values[0] <= COND_NO_Q * values[k - 1]:
             out.append((T, P, M, Wh.mT / S))
         else:
             out.append((T, P, torch.linalg.householder_product(h[:, : tau.shape[0]], tau), P))

@@ -74,12 +74,62 @@ def magnitude_prune(delta: Tensor, density: float, rescale: bool = False) -> Ten
     else:
         magnitude = flat.abs()
         threshold = torch.kthvalue(magnitude, n - keep + 1).values  # the keep-th largest |value|
-        mask = magnitude > threshold
-        missing = keep - int(mask.sum())
-        if missing > 0:  # fill up with the first entries equal to the threshold, by index
-            mask[torch.nonzero(magnitude == threshold).squeeze(1)[:missing]] = True
+        mask = magnitude >= threshold
+        if int(mask.sum()) != keep:  # ties at the threshold (or a NaN): apply the rule by index
+            mask = _tie_mask(magnitude, threshold, keep)
         out = torch.where(mask, flat, 0.0).reshape(delta.shape)
     return out / density if rescale else out
+
+
+def _tie_mask(magnitude: Tensor, threshold: Tensor, keep: int) -> Tensor:
+    """The entries above ``threshold``, filled up to ``keep`` with the first entries equal to it, by index.
+
+    Without ties (exactly ``keep`` entries ≥ threshold) this is ``magnitude >= threshold``, which is what
+    :func:`magnitude_prune` computes first; this slower path only runs when that count is off.
+    """
+    mask = magnitude > threshold
+    missing = keep - int(mask.sum())
+    if missing > 0:
+        mask[torch.nonzero(magnitude == threshold).squeeze(1)[:missing]] = True
+    return mask
+
+
+_SMALL = 1 << 16
+"""Sources of at most this many entries are pruned and merged together, stacked on a new first dim: the
+cores of the LoRA-native merges (R × R, R × in) cost mostly per-operation overhead, which stacking divides by
+the number of sources. Larger deltas go one at a time, so no (n, ...) copies of full matrices are made."""
+
+
+def _stacked(deltas: Sequence[Tensor]) -> Tensor | None:
+    """``deltas`` stacked on dim 0 when there are at least two and they are small float32/float64 tensors of
+    one shape, dtype and device; None otherwise."""
+    if len(deltas) < 2:
+        return None
+    first = deltas[0]
+    if first.dtype not in (torch.float32, torch.float64) or first.numel() > _SMALL:
+        return None
+    if any(d.shape != first.shape or d.dtype != first.dtype or d.device != first.device for d in deltas):
+        return None
+    return torch.stack(tuple(deltas))
+
+
+def _prune_each(deltas: Sequence[Tensor], densities: Sequence[float], rescale: bool) -> Sequence[Tensor]:
+    """``[magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities)]``, bit for bit; stacked on dim 0
+    (one kthvalue, one mask) when the deltas are small and share one density and there are no ties."""
+    density = densities[0]
+    if all(p == density for p in densities) and len(deltas) == len(densities):
+        stacked = _stacked(deltas)
+        numel = deltas[0].numel()
+        keep = keep_count(density, numel) if stacked is not None else 0
+        if 0 < keep < numel:
+            flat = stacked.reshape(len(deltas), numel)
+            magnitude = flat.abs()
+            threshold = torch.kthvalue(magnitude, numel - keep + 1, dim=1, keepdim=True).values
+            mask = magnitude >= threshold
+            if mask.sum(dim=1).tolist() == [keep] * len(deltas):  # no ties: the mask of every source
+                out = torch.where(mask, flat, 0.0).reshape(stacked.shape)
+                return out / _check_density(density) if rescale else out
+    return [magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities, strict=True)]
 
 
 def dare(delta: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
@@ -144,12 +194,29 @@ def disjoint_merge(deltas: Tensor | Sequence[Tensor], signs: Tensor, weights: Se
     """
     total = torch.zeros_like(signs)
     count = torch.zeros_like(signs)
+    elected = signs != 0
     for d, w in zip(deltas, weights, strict=True):
         x = d * float(w)
-        agree = (torch.sign(x) == signs) & (signs != 0)
+        agree = (torch.sign(x) == signs) & elected
         total += torch.where(agree, x, 0.0)
         count += agree
     return total / count.clamp_min(1)
+
+
+def _disjoint_elected(stacked: Tensor, signs: Tensor, weights: Sequence[float]) -> Tensor:
+    """:func:`disjoint_merge` of float32/float64 deltas stacked on dim 0, for ``signs`` from :func:`elect_sign`
+    on them (values -1, 0 or +1, their dtype and shape), bit for bit, with each operation run once for all
+    sources: w_i·δ_i with w_i rounded to the dtype (as a Python number is), agreement as w_i·δ_i·s > 0 (for
+    s in {-1, 0, +1} that is sign(w_i·δ_i) = s ≠ 0, also for inf and NaN), the kept terms summed source by
+    source in order (0 + t = t: a kept term is never -0.0), and the counts as exact small integers."""
+    w = torch.tensor([float(v) for v in weights], dtype=stacked.dtype, device=stacked.device)
+    x = stacked * w.view(-1, *([1] * signs.dim()))
+    agree = x * signs > 0
+    kept = torch.where(agree, x, 0.0)
+    total = kept[0] + kept[1]
+    for term in kept[2:]:
+        total += term
+    return total / agree.sum(dim=0, dtype=signs.dtype).clamp_min(1)
 
 
 def _check(deltas: Sequence[Tensor], *per_source: Sequence[object]) -> None:
@@ -209,8 +276,11 @@ def ties(
     tensor([-4., -2.,  2.])
     """
     _check(deltas, weights, densities)
-    trimmed = [magnitude_prune(d, p, rescale) for d, p in zip(deltas, densities, strict=True)]
-    return disjoint_merge(trimmed, elect_sign(trimmed, majority_sign, weights), weights)
+    trimmed = _prune_each(deltas, densities, rescale)
+    signs = elect_sign(trimmed, majority_sign, weights)
+    if isinstance(trimmed, Tensor):  # small deltas, stacked by _prune_each (at least two)
+        return _disjoint_elected(trimmed, signs, weights)
+    return disjoint_merge(trimmed, signs, weights)
 
 
 def dare_linear(
