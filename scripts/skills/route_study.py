@@ -590,6 +590,8 @@ def findings(results: dict) -> list[str]:
     own = scores(per, items, "oracle")
     out = ["### Findings (computed from the numbers above)", ""]
     best_name, best_worst = None, -1.0
+    worsts: dict[str, float] = {}
+    means: dict[str, float] = {}
     for name in CANDIDATES:
         if name in ("oracle", "kessary_json") or name not in per:
             continue
@@ -601,8 +603,16 @@ def findings(results: dict) -> list[str]:
         mean = sum(r[0] for r in ratios) / 3
         weakest = ("kessary facts", "json format", "headline style")[[r[0] for r in ratios].index(worst)]
         out.append(f"- `{name}`: mean retention {mean:.2f}, worst skill {weakest} at {worst:.2f}.")
+        worsts[name], means[name] = worst, mean
         if worst > best_worst:
             best_name, best_worst = name, worst
+    merges = {n: w for n, w in worsts.items() if CANDIDATES[n][1] == "merge"}
+    if merges:
+        top = max(merges, key=lambda n: (merges[n], means[n]))
+        out.append(
+            f"- Best static merge (one adapter for every prompt): `{top}`, worst skill {merges[top]:.2f}, mean "
+            f"{means[top]:.2f}."
+        )
     verdict = "is met" if best_worst >= 0.95 else f"is missed by {0.95 - best_worst:.2f}"
     out.append(
         f"- Best worst-skill retention: `{best_name}` at {best_worst:.2f}; the goal (≥ 0.95 on every skill) "
