@@ -225,18 +225,7 @@ class _search_bar:
             return
         best = "-" if event.best is None else f"{event.best:.4g}"
         if not self.quiet and self.bar is None and event.kind != "done":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]searching"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-                console=self.console,
-                transient=True,
-            )
-            self.bar.start()
+            self.bar = cli_output.progress_bar(self.console, "searching")
             self.task = self.bar.add_task("", total=event.budget)
         if self.bar is not None:
             self.bar.update(self.task, completed=event.done, description=f"best {event.label} {best}")

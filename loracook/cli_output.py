@@ -198,6 +198,23 @@ def print_inspection(summaries, models, similarity, all_modules: bool) -> None:
             console.print(table)
 
 
+def progress_bar(console, title: str):
+    """The CLI's one progress-bar layout (merging, searching): started, transient, with done/total and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]{title}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    )
+    bar.start()
+    return bar
+
+
 class Progress:
     """A rich progress bar fed by the engine's on_task callback."""
 
@@ -207,18 +224,7 @@ class Progress:
     def __enter__(self):
         if self.quiet:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]merging"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.start()
+        self.bar = progress_bar(self.console, "merging")
         self.task = self.bar.add_task("", total=None)
 
         def on_task(done: int, total: int, label: str) -> None:
