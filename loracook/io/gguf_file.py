@@ -83,6 +83,12 @@ def permute_qk(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -
     return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def head_groups(config: Any, transform: str) -> int:
+    """The heads a q_proj/k_proj permutation works in: the attention heads for q, the key-value heads for k."""
+    heads = int(config["num_attention_heads"])
+    return heads if transform == "permute_q" else int(config.get("num_key_value_heads") or heads)
+
+
 def _to_numpy(tensor: Any) -> np.ndarray:
     """A float32 or float16 numpy view of a torch tensor or numpy array (bf16 is widened to float32)."""
     if isinstance(tensor, np.ndarray):
@@ -211,6 +217,13 @@ class _StreamingWriter:
     :meth:`close` renames it into place, :meth:`abort` removes it, and a ``with`` block does one or the other."""
 
     _file: _StreamingFile
+
+    def _check_next(self, source: str, what: str, got: str) -> None:
+        """Abort the file and raise unless ``source`` is the tensor the file expects next."""
+        expected = self._file.expected
+        if expected is None or expected.source != source:
+            self.abort()
+            raise ValueError(f"{what} out of order: got {got}, expected {expected and expected.source}")
 
     def close(self) -> Path:
         return self._file.close()

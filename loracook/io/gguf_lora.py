@@ -20,6 +20,7 @@ from loracook.io.gguf_file import (
     _to_numpy,
     _types,
     gguf_arch,
+    head_groups,
     permute_qk,
 )
 
@@ -116,21 +117,14 @@ class GGUFLoraWriter(_StreamingWriter):
         """Append one module's PEFT factors: ``lora_A`` (r, in) and ``lora_B`` (out, r), as saved by PEFT."""
         for suffix, tensor in ((".lora_a", lora_A), (".lora_b", lora_B)):
             spec = self._by_source[module + suffix]
-            expected = self._file.expected
-            if expected is None or expected.source != spec.source:
-                self.abort()
-                raise ValueError(
-                    f"LoRA modules out of order: got {module}, expected {expected and expected.source}"
-                )
+            self._check_next(spec.source, "LoRA modules", module)
             data = _to_numpy(tensor).astype(np.float32, copy=False)
             if suffix == ".lora_b":
                 gain = self.gains[module]
                 if gain != 1.0:
                     data = data * np.float32(gain)
                 if spec.transform:
-                    heads = int(self.config["num_attention_heads"])
-                    kv = int(self.config.get("num_key_value_heads") or heads)
-                    data = permute_qk(data, heads, heads if spec.transform == "permute_q" else kv)
+                    data = permute_qk(data, head_groups(self.config, spec.transform))
             elif spec.transform == "transpose":
                 data = np.ascontiguousarray(data.T)
             self._file.append(spec, data)

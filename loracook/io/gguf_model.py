@@ -24,6 +24,7 @@ from loracook.io.gguf_file import (
     _to_numpy,
     _types,
     gguf_arch,
+    head_groups,
     permute_qk,
 )
 from loracook.io.gguf_tokenizer import _add_tokenizer, tokenizer_metadata
@@ -170,20 +171,12 @@ class GGUFModelWriter(_StreamingWriter):
         spec = self._by_source.get(hf_name)
         if spec is None:
             return  # dropped on purpose (tied lm_head, inv_freq): see model_specs
-        expected = self._file.expected
-        if expected is None or expected.source != hf_name:
-            self.abort()
-            raise ValueError(
-                f"GGUF tensors out of order: got {hf_name}, expected {expected and expected.source}"
-            )
+        self._check_next(hf_name, "GGUF tensors", hf_name)
         data = _to_numpy(block)
         if not spec.transform:
             self._file.append(spec, data)
             return
-        heads = int(self.config["num_attention_heads"])
-        groups = (
-            heads if spec.transform == "permute_q" else int(self.config.get("num_key_value_heads") or heads)
-        )
+        groups = head_groups(self.config, spec.transform)
         rows_per_head = spec.shape[0] // groups
         pending = np.concatenate([self._pending, data]) if self._pending is not None else data
         whole = pending.shape[0] // rows_per_head * rows_per_head
