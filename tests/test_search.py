@@ -223,25 +223,37 @@ def test_sigint_then_resume_finishes_exactly_the_budget(zoo, tmp_path, capfd, on
     sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
     budget = 100
     recipe = search_recipe(tmp_path / "s", zoo.models["llama"], sources, search={"budget": budget})
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loracook", "run", str(recipe)], env=env, stderr=subprocess.PIPE, text=True
-    )
-    journal = tmp_path / "s" / ".out.search" / "journal.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.is_file() and _complete(journal) >= 3:
-            break
-        time.sleep(0.1)
+    proc, journal = _search_until(recipe, tmp_path / "s", trials_done=3, seconds=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     stopped = _complete(journal)
     assert 3 <= stopped < budget
+    _resume_finishes_the_budget(recipe, tmp_path / "s" / "out", budget, capfd)
+
+
+def _search_until(recipe: Path, folder: Path, *, trials_done: int, seconds: float):
+    """Start `loracook run RECIPE` (a search writing to FOLDER/out) in a subprocess; return it and its journal
+    once ``trials_done`` trials are complete (or the process ended, or ``seconds`` passed)."""
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loracook", "run", str(recipe)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    journal = folder / ".out.search" / "journal.log"
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and _complete(journal) >= trials_done:
+            break
+        time.sleep(0.1)
+    return proc, journal
+
+
+def _resume_finishes_the_budget(recipe: Path, out: Path, budget: int, capfd) -> None:
+    """`--resume` ends with exactly ``budget`` finished trials and no trial number twice."""
     res = run_cli(["run", recipe, "--resume"], capfd)
     assert res.code == 0, str(res)
-    rows = trials(tmp_path / "s" / "out")
+    rows = trials(out)
     numbers = [r["number"] for r in rows]
     assert len(numbers) == len(set(numbers))
     assert sum(r["state"] == "COMPLETE" for r in rows) == budget
@@ -255,16 +267,7 @@ def test_sigterm_with_two_workers_stops_them_all_and_resumes(zoo, tmp_path, capf
     recipe = search_recipe(
         tmp_path / "s", zoo.models["llama"], sources, search={"budget": budget, "workers": 2}
     )
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loracook", "run", str(recipe)], env=env, stderr=subprocess.PIPE, text=True
-    )
-    journal = tmp_path / "s" / ".out.search" / "journal.log"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if journal.is_file() and _complete(journal) >= 4:
-            break
-        time.sleep(0.1)
+    proc, journal = _search_until(recipe, tmp_path / "s", trials_done=4, seconds=180)
     children = _children(proc.pid)
     assert children, "the search should run a second worker process"
     proc.send_signal(signal.SIGTERM)
@@ -279,12 +282,7 @@ def test_sigterm_with_two_workers_stops_them_all_and_resumes(zoo, tmp_path, capf
     assert not [p for p in (tmp_path / "s").iterdir() if ".loracook-work-" in p.name]
     stopped = _complete(journal)
     assert 4 <= stopped < budget
-    res = run_cli(["run", recipe, "--resume"], capfd)
-    assert res.code == 0, str(res)
-    rows = trials(tmp_path / "s" / "out")
-    numbers = [r["number"] for r in rows]
-    assert len(numbers) == len(set(numbers))
-    assert sum(r["state"] == "COMPLETE" for r in rows) == budget
+    _resume_finishes_the_budget(recipe, tmp_path / "s" / "out", budget, capfd)
 
 
 def _children(pid: int) -> list[int]:
