@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loracook.safe_regex import peft_pattern_matches
+from loracook.safe_regex import peft_pattern_value
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,17 @@ class AdapterFacts:
 # ------------------------------------------------------------------------------------------------ facts
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
-    """PEFT's rank_pattern/alpha_pattern lookup: keys are regexes matched as ``(.*\\.)?(key)$``, first wins. The
-    keys come from files on disk, so they are matched in linear time (safe_regex)."""
-    for key, value in patterns.items():
-        if key == module or peft_pattern_matches(key, module):
-            return value
-    return None
-
-
 def module_scale(config: Mapping[str, Any], module: str, rank: int | None = None) -> float:
     """PEFT's effective scale of one module: alpha/r (alpha/√r with use_rslora), with rank_pattern and
     alpha_pattern applied; ``rank`` (the factors' rank) stands in when the config has no r."""
     r = int(config.get("r") or 0)
-    module_r = _pattern_value(config.get("rank_pattern") or {}, module) or r or rank or 1
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module) or config.get("lora_alpha") or r or 1
+    module_r = peft_pattern_value(config.get("rank_pattern") or {}, module, None) or r or rank or 1
+    alpha = (
+        peft_pattern_value(config.get("alpha_pattern") or {}, module, None)
+        or config.get("lora_alpha")
+        or r
+        or 1
+    )
     return float(alpha) / (math.sqrt(module_r) if config.get("use_rslora") else float(module_r))
 
 
