@@ -43,8 +43,6 @@ ROOT = HERE.parents[1]
 SKILLS = ROOT / "recipes" / "skills"
 OUT = ROOT / "out" / "skills"
 DOC = ROOT / "docs" / "quality.md"
-ROUTING_BEGIN = "<!-- routing study: begin (scripts/skills/route_study.py) -->"
-ROUTING_END = "<!-- routing study: end -->"
 CHART = ROOT / "docs" / "quality.png"
 RESULTS = SKILLS / "study_results.json"
 TIMINGS = SKILLS / "study_timings.json"
@@ -752,6 +750,9 @@ def write_doc(report, timings: dict, finetune: Path, problems: list[str]) -> Non
     ]
     text = "\n".join(lines)
     old = DOC.read_text(encoding="utf-8") if DOC.is_file() else ""
+    from route_study import BEGIN as ROUTING_BEGIN
+    from route_study import END as ROUTING_END
+
     if ROUTING_BEGIN in old and ROUTING_END in old:  # the routing study's section (route_study.py) is kept
         kept = ROUTING_BEGIN + old.split(ROUTING_BEGIN, 1)[1].split(ROUTING_END, 1)[0] + ROUTING_END
         text = text.rstrip("\n") + "\n\n" + kept + "\n"
