@@ -19,8 +19,6 @@ import torch
 import yaml
 from fixtures import OFFLINE_ENV, REPO_ROOT, read_tensors, run_cli, write_recipe
 
-pytest.importorskip("optuna")
-
 EXAMPLES = [{"input": f"Q: what is {i} plus {i}? A:", "output": f" {2 * i}"} for i in range(12)] + [
     {"input": "Say hi in capitals:", "output": " HI THERE"},
     {"input": "The sky is", "output": " blue."},

@@ -72,7 +72,9 @@ def import_optuna():
     try:
         import optuna
     except ImportError:
-        raise BadInput("a search needs Optuna", loc=("search",), fix="pip install optuna") from None
+        raise BadInput(
+            "a search needs Optuna", loc=("search",), fix="pip install 'loracook[search]' (optuna)"
+        ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
