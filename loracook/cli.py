@@ -144,17 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "route": _cmd_route,
         "search-worker": _cmd_search_worker,
     }[args.command]
-    from loracook.io.signals import Terminated, handling_signals
+    from loracook.io.signals import Terminated, handling_signals, stop_in_flight
 
     with handling_signals():  # SIGTERM/SIGHUP unwind like Ctrl-C; a write past `ulimit -f` fails with EFBIG
         try:
             return handler(args)
-        except BadInput as error:
-            _print_error(error)
-            return EXIT_BAD_INPUT
         except (KeyboardInterrupt, Terminated) as stop:
             return _stopped(stop)
-        except OSError as error:
+        except (BadInput, OSError) as error:
+            stop = stop_in_flight()  # a cleanup that failed while a signal unwound it hides the signal
+            if stop is not None:
+                return _stopped(stop)
+            if isinstance(error, BadInput):
+                _print_error(error)
+                return EXIT_BAD_INPUT
             return _environment_error(error)
 
 

@@ -579,6 +579,29 @@ def test_top_level_handler_keeps_tracebacks_for_bugs(capfd, monkeypatch):
         cli.main(["validate", "x.yaml"])
 
 
+@pytest.mark.parametrize("hidden_by", ["os_error", "bad_input"])
+def test_a_cleanup_that_fails_while_a_signal_unwinds_does_not_hide_the_signal(capfd, monkeypatch, hidden_by):
+    """A library's ``except BaseException: cleanup(); raise`` whose cleanup fails replaces our Terminated with its
+    own error (Optuna's journal lock did: FileNotFoundError on its .rename file). The exit is still the signal's."""
+    import loracook.cli as cli
+
+    def stopped_then_hidden(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises Terminated here
+        except BaseException:
+            if hidden_by == "os_error":
+                raise FileNotFoundError(
+                    errno.ENOENT, "No such file", "/x/journal.log.lock1234.rename"
+                ) from None
+            raise BadInput("something about the half-done work") from None
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_validate", stopped_then_hidden)
+    res = run_cli(["validate", "x.yaml"], capfd)
+    assert res.code == 143 and "SIGTERM" in one_line(res.err) and "rename" not in res.err, str(res)
+
+
 def test_os_error_line_names_both_paths_of_a_rename():
     line = os_error_line(OSError(errno.EXDEV, "x", "/a", None, "/b"))
     assert line is None

@@ -423,3 +423,25 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
     best = max(rows, key=lambda r: (min(r["values"]), -r["number"]))
     assert summary["chosen"]["number"] == best["number"]
     assert (out / "search" / "search.png").stat().st_size > 0
+
+
+def test_sigterm_while_the_journal_lock_is_held_waits_for_the_append(tmp_path, monkeypatch):
+    """A SIGTERM that lands while a worker holds Optuna's journal lock is acted on after the append: the log line
+    is whole, the lock file is gone (no 30 s grace wait for the next worker), and the signal still stops us."""
+    from loracook.io.signals import Terminated, handling_signals
+    from loracook.search.study import journal_backend
+
+    backend = journal_backend(tmp_path / "journal.log")
+    acquire = backend._lock.acquire
+
+    def acquire_then_terminated():
+        got = acquire()
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode, inside the lock
+        return got
+
+    monkeypatch.setattr(backend._lock, "acquire", acquire_then_terminated)
+    with handling_signals(), pytest.raises(Terminated):
+        backend.append_logs([{"op_code": 0, "worker_id": "w", "study_name": "s"}])
+    lines = (tmp_path / "journal.log").read_text().splitlines()
+    assert [json.loads(line)["study_name"] for line in lines] == ["s"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]

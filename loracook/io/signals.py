@@ -76,20 +76,31 @@ def run_cleanups() -> None:
 _deferring = 0  # > 0 inside critical sections: signals are remembered and raised when the section ends
 _pending: list[int] = []
 _stopping = False  # a signal already started the unwinding: repeats are ignored so cleanups can finish
+_stopped_by: int | None = None  # the signal that started it
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    global _stopping
     if _deferring:
         _pending.append(signum)
         return
     if _stopping:
         return
-    _stopping = True
     _raise_for(signum)
 
 
+def stop_in_flight() -> BaseException | None:
+    """The KeyboardInterrupt or :class:`Terminated` a signal raised, if one did during this command.
+
+    A library's own cleanup can fail while the signal unwinds through it (Optuna's lock release, for one) and
+    replace the signal with an OSError; the CLI asks this to report the stop, not the side effect."""
+    if _stopped_by is None:
+        return None
+    return KeyboardInterrupt() if _stopped_by == signal.SIGINT else Terminated(_stopped_by)
+
+
 def _raise_for(signum: int) -> None:
+    global _stopping, _stopped_by
+    _stopping, _stopped_by = True, signum
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Terminated(signum)
@@ -101,7 +112,7 @@ def handling_signals() -> Iterator[None]:
 
     Outside the main thread (a library caller running loracook in a worker) nothing is installed: Python only
     delivers signals to the main thread, and the caller owns its process's signal policy."""
-    global _stopping
+    global _stopping, _stopped_by
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -110,13 +121,13 @@ def handling_signals() -> Iterator[None]:
         previous[signum] = signal.signal(signum, _on_signal)
     if hasattr(signal, "SIGXFSZ"):
         previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    _stopping = False
+    _stopping, _stopped_by = False, None
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
-        _stopping = False
+        _stopping, _stopped_by = False, None
 
 
 @contextmanager
@@ -136,5 +147,4 @@ def deferred_signals() -> Iterator[None]:
             signum = _pending[0]
             _pending.clear()
             if not _stopping:
-                _stopping = True
                 _raise_for(signum)

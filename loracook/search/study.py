@@ -80,14 +80,32 @@ def import_optuna():
     return optuna
 
 
+def journal_backend(path: Path):
+    """Optuna's journal file, with SIGTERM/SIGHUP held while a worker holds its lock and appends.
+
+    Optuna's lock is a file created on acquire and renamed away on release; ``Terminated`` raised inside
+    ``release`` before the rename makes its own cleanup fail (FileNotFoundError on the ``.rename`` name, which
+    hides the signal), and one raised between acquire and release leaves the lock behind (every later worker
+    then waits out its 30 s grace period) or half a log line (a journal Optuna can no longer read). Held for the
+    few milliseconds of an append, the signal is acted on as soon as the lock is released."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from loracook.io.signals import deferred_signals
+
+    class _Journal(JournalFileBackend):
+        def append_logs(self, logs: list) -> None:
+            with deferred_signals():
+                super().append_logs(logs)
+
+    return _Journal(str(path))
+
+
 def open_storage(place: Place):
     """The Optuna storage; an RDB URL that cannot be opened is BadInput naming it."""
     optuna = import_optuna()
     if place.url is None:
-        from optuna.storages.journal import JournalFileBackend
-
         place.folder.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(place.journal)))
+        return optuna.storages.JournalStorage(journal_backend(place.journal))
     try:
         return optuna.storages.RDBStorage(place.url, heartbeat_interval=30, grace_period=120)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of every kind
