@@ -445,3 +445,25 @@ def test_sigterm_while_the_journal_lock_is_held_waits_for_the_append(tmp_path, m
     lines = (tmp_path / "journal.log").read_text().splitlines()
     assert [json.loads(line)["study_name"] for line in lines] == ["s"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]
+
+
+@pytest.mark.parametrize("change", ["examples", "limit", "space"])
+def test_resume_refuses_a_study_whose_objective_or_space_changed(zoo, tmp_path, capfd, one_thread, change):
+    """--resume continues a study only on what it was scored on: new example rows (same file, same count), a
+    new limit or new bounds would mix scores of different objectives under one name."""
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(tmp_path / "s", zoo.models["llama"], sources, search={"budget": 2})
+    assert run_cli(["run", recipe], capfd).code == 0
+    data = yaml.safe_load(recipe.read_text())
+    if change == "examples":
+        rows = [{**r, "output": r["output"] + "!"} for r in EXAMPLES]
+        examples_file(tmp_path / "s", rows)
+    elif change == "limit":
+        data["search"]["objective"]["limit"] = 5
+    else:
+        data["search"]["space"] = {"weights": [0.0, 1.0]}
+    data["search"]["budget"] = 3
+    recipe.write_text(yaml.safe_dump(data))
+    res = run_cli(["run", recipe, "--resume", "--force"], capfd)
+    assert res.code == 2 and "no longer matches" in res.err, str(res)
+    assert ("scored_on" if change != "space" else "space") in res.err

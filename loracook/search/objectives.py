@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,26 @@ class Objectives:
     def signs(self) -> tuple[float, ...]:
         """+1 where higher is better: a score to maximise is value · sign."""
         return tuple(1.0 if d == "maximize" else -1.0 for d in self.directions)
+
+    def digest(self) -> str:
+        """A hash of exactly what a trial is scored on: the examples' rows (after ``limit``), or each task's
+        config on the chosen split with its local data files' bytes, and the scoring options. A study resumed
+        after any of them changed would mix scores of different objectives under one name."""
+        h = hashlib.sha256()
+        for path, rows in self.examples:
+            h.update(json.dumps([path.name, rows]).encode())
+        for task in self.tasks.tasks if self.tasks is not None else ():
+            config = copy.deepcopy(dict(task.config))
+            files = (config.get("dataset_kwargs") or {}).get("data_files")
+            if isinstance(
+                files, dict
+            ):  # the files' bytes, not their paths: a moved recipe folder still resumes
+                config["dataset_kwargs"]["data_files"] = {
+                    k: _file_digest(v) for k, v in sorted(files.items())
+                }
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        h.update(json.dumps({k: self.options[k] for k in sorted(self.options) if k != "batch_size"}).encode())
+        return h.hexdigest()[:16]
 
 
 def check_objective(objective) -> Objectives:
@@ -75,6 +97,20 @@ def _read_examples(path: Path, index: int, count: int) -> list[tuple[str, str]]:
         error = BadInput(problem or text, file=path, fix=fix)
         error.line = int(line) if line and line.isdigit() else None
         raise error from None
+
+
+def _file_digest(spec) -> object:
+    """The sha256 of a local data file (or of each, for a list); anything else (a hub name) as it is."""
+    if isinstance(spec, list):
+        return [_file_digest(item) for item in spec]
+    path = Path(str(spec))
+    if not path.is_file():
+        return spec
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _unique(names: list[str]) -> tuple[str, ...]:

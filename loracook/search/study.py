@@ -208,6 +208,8 @@ def fingerprint(recipe, checked) -> dict:
                 "space": search.space.model_dump(mode="json"),
                 "objectives": list(checked.names),
                 "directions": list(checked.directions),
+                "scored_on": checked.digest(),
+                "chat_template": search.objective.chat_template,
                 "l1": search.l1,
             }
         )
