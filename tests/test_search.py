@@ -386,9 +386,13 @@ def test_search_worker_needs_a_running_study(zoo, tmp_path, capfd):
     assert not (tmp_path / "s" / ".out.search").exists()
 
 
-def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path, capfd, one_thread):
-    """Two lm-eval tasks scored on their `validation` split (never `test`): two objectives, nsga2, and the
-    written trial is the one whose worse task score (minus the L1 term) is highest."""
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "cmaes"])
+def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path, capfd, one_thread, sampler):
+    """Two lm-eval tasks scored on their `validation` split (never `test`): two objectives, and the written trial
+    is the one whose worse task score (minus the L1 term) is highest. nsga2 searches the Pareto front of the two;
+    tpe and cmaes optimise that worse score itself, a study of one objective."""
+    import optuna
+
     folder = tmp_path / "s"
     folder.mkdir()
     items = "".join(
@@ -407,7 +411,7 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
         )
         tasks.append(str(folder / f"{name}.yaml"))
     sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
-    search = {"objective": {"tasks": tasks, "limit": 4}, "sampler": "nsga2", "budget": 3, "l1": 0.01}
+    search = {"objective": {"tasks": tasks, "limit": 4}, "sampler": sampler, "budget": 3, "l1": 0.01}
     recipe = search_recipe(folder, zoo.models["llama"], sources, search=search)
     res = run_cli(["run", recipe], capfd)
     assert res.code == 0, str(res)
@@ -423,6 +427,17 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
     best = max(rows, key=lambda r: (min(r["values"]), -r["number"]))
     assert summary["chosen"]["number"] == best["number"]
     assert (out / "search" / "search.png").stat().st_size > 0
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "search" / "journal.log"))
+    )
+    study = optuna.load_study(study_name="loracook-search", storage=storage)
+    if sampler == "nsga2":
+        assert len(study.directions) == 2 and summary["study"] == "the objectives"
+    else:  # the study's one value is the worse of the two penalised task scores
+        assert len(study.directions) == 1 and summary["study"] == "the select score, one objective"
+        for row in rows:
+            assert row["score"] == pytest.approx(min(row["values"]))
+        assert [t.values for t in study.trials] == [[pytest.approx(min(r["values"]))] for r in rows]
 
 
 def test_sigterm_while_the_journal_lock_is_held_waits_for_the_append(tmp_path, monkeypatch):
@@ -467,3 +482,16 @@ def test_resume_refuses_a_study_whose_objective_or_space_changed(zoo, tmp_path, 
     res = run_cli(["run", recipe, "--resume", "--force"], capfd)
     assert res.code == 2 and "no longer matches" in res.err, str(res)
     assert ("scored_on" if change != "space" else "space") in res.err
+
+
+def test_cmaes_without_its_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from loracook.errors import BadInput
+    from loracook.search.study import make_sampler
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real(name, *a))
+    with pytest.raises(BadInput, match="cmaes package") as info:
+        make_sampler("cmaes", 0, 1)
+    assert "pip install" in info.value.one_line()

@@ -249,7 +249,8 @@ class Search(Strict):
     )
     select: Literal["worst", "mean"] = Field(
         "worst",
-        description="several objectives: the written result maximises the worst task score (or the mean)",
+        description="several objectives: the written result maximises the worst task score (or the mean); tpe, "
+        "cmaes and random optimise that score itself, nsga2 a Pareto front of the objectives",
     )
 
 

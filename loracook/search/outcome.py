@@ -75,6 +75,8 @@ def make_outcome(ctx: Context, study, scorer: Scorer, seconds: float) -> SearchO
         "objective": _describe(ctx),
         "objectives": list(ctx.checked.names),
         "directions": list(ctx.checked.directions),
+        "study": ("the select score, one objective" if ctx.scalar else "the objectives")
+        if len(ctx.checked.names) > 1 else "the objective",
         "l1": ctx.search.l1,
         "select": rule,
         "rule": _rule(ctx),
@@ -115,6 +117,7 @@ def _rule(ctx: Context) -> str:
     if len(names) == 1:
         best = "lowest" if ctx.checked.directions[0] == "minimize" else "highest"
         return f"the {best} {names[0]} (with the L1 term)"
+    searched = f"; {ctx.search.sampler} optimised it directly" if ctx.scalar else ""
     if ctx.search.select == "worst":
-        return "select: worst, the trial whose worst objective is best"
-    return "select: mean, the trial with the best mean objective"
+        return f"select: worst, the trial whose worst objective is best{searched}"
+    return f"select: mean, the trial with the best mean objective{searched}"

@@ -3,11 +3,17 @@
 The chosen trial: with one objective, the best value (lowest trial number on ties); with several, the
 ``select`` rule over the objectives turned "higher is better": ``worst`` maximises the worst of them, ``mean``
 their mean. The rule and the chosen trial are recorded in summary.json and the model card.
+
+With several objectives and a single-objective sampler (tpe, cmaes, random), the study itself optimises that
+select score (see :func:`loracook.search.study.scalarized`): its one value is the ``score`` of a trial, and the
+trial's own objectives (after the L1 term) are kept in its attributes; :func:`records` gives them back as the
+record's ``values``, so everything downstream reads the objectives whichever kind of study it is.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +64,20 @@ def records(study) -> list[Record]:
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if t.state == TrialState.WAITING:
             continue
+        values = list(t.values) if t.values is not None else None
+        attrs = dict(t.user_attrs)
+        info = attrs.get("info") or {}
+        if "values" in info:  # a scalarized study: its value is the select score of these objectives
+            attrs["info"] = {k: v for k, v in info.items() if k != "values"}
+            attrs["score"] = values[0] if values else None
+            values = list(info["values"]) if values is not None else None
         out.append(
             Record(
                 t.number,
                 t.state.name,
                 dict(t.params),
-                list(t.values) if t.values is not None else None,
-                dict(t.user_attrs),
+                values,
+                attrs,
                 t.datetime_start.isoformat() if t.datetime_start else None,
                 t.datetime_complete.isoformat() if t.datetime_complete else None,
             )
@@ -79,18 +92,19 @@ def select(done: list[Record], signs: tuple[float, ...], rule: str) -> Record:
             "the search has no finished trial to write", loc=("search",), fix="run it with a larger budget"
         )
 
-    def score(record: Record) -> float:
-        signed = [s * v for s, v in zip(signs, record.values or [], strict=True)]
-        if len(signed) == 1:
-            return signed[0]
-        return min(signed) if rule == "worst" else sum(signed) / len(signed)
-
-    return max(done, key=lambda r: (score(r), -r.number))
+    return max(done, key=lambda r: (selection_score(r, signs, rule), -r.number))
 
 
 def selection_score(record: Record, signs: tuple[float, ...], rule: str) -> float:
     """What ``select`` maximises: the objective turned higher-is-better (one), or their worst / mean (several)."""
-    signed = [s * v for s, v in zip(signs, record.values or [], strict=True)]
+    return select_score(record.values or [], signs, rule)
+
+
+def select_score(values: list[float], signs: tuple[float, ...], rule: str) -> float:
+    """The select rule on one trial's objectives; NaN when any of them is not finite."""
+    signed = [s * v for s, v in zip(signs, values, strict=True)]
+    if not all(math.isfinite(v) for v in signed):
+        return math.nan
     if len(signed) == 1:
         return signed[0]
     return min(signed) if rule == "worst" else sum(signed) / len(signed)

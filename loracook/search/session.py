@@ -19,7 +19,7 @@ from loracook.errors import BadInput
 from loracook.search import study as st
 from loracook.search.objectives import Objectives, check_objective
 from loracook.search.outcome import SearchOutcome, make_outcome
-from loracook.search.results import natural, records, select, selection_score
+from loracook.search.results import natural, records, select, select_score, selection_score
 from loracook.search.scorer import Scorer, open_scorer
 from loracook.search.space import Space
 from loracook.search.trials import StopFlag, counts, run_trials
@@ -61,7 +61,6 @@ class Context:
     def check(cls, recipe, plan, target: Path) -> Context:
         checked = check_objective(recipe.search.objective)
         space = Space.from_recipe(recipe, plan.num_layers, plan.combine.method)
-        st.make_sampler(recipe.search.sampler, recipe.search.seed, len(checked.names))  # cmaes + several
         place = st.place_of(recipe, Path(target))
         return cls(recipe, plan, Path(target), checked, space, place, st.fingerprint(recipe, checked))
 
@@ -69,8 +68,17 @@ class Context:
     def search(self):
         return self.recipe.search
 
+    @property
+    def scalar(self) -> bool:
+        """The study optimises the select score of several objectives (see :func:`study.scalarized`)."""
+        return st.scalarized(self.search.sampler, len(self.checked.names))
+
+    @property
+    def study_directions(self) -> tuple[str, ...]:
+        return ("maximize",) if self.scalar else self.checked.directions
+
     def sampler(self, offset: int):
-        return st.make_sampler(self.search.sampler, self.search.seed + offset, len(self.checked.names))
+        return st.make_sampler(self.search.sampler, self.search.seed + offset, len(self.study_directions))
 
     def evaluator(self, scorer: Scorer) -> Callable:
         from loracook.plan.compile import recipe_values
@@ -83,12 +91,16 @@ class Context:
             scored = scorer.score(point.values(self.plan.num_layers, fixed))
             penalty = l1 * point.l1_mean
             values = [v - s * penalty for v, s in zip(scored.values, signs, strict=True)]
+            if self.scalar:  # the study's one value; the objectives stay in the trial's attributes
+                values, objectives = [select_score(values, signs, self.search.select)], values
             attrs = {
                 "objectives": dict(zip(self.checked.names, scored.values, strict=True)),
                 "l1_penalty": penalty,
                 "apply_seconds": scored.apply_seconds,
                 "objective_seconds": scored.objective_seconds,
             }
+            if self.scalar:
+                attrs["values"] = objectives
             return values, attrs
 
         return evaluate
@@ -121,7 +133,7 @@ def run_search(
         else:
             starts = ctx.space.starting_points(recipe)
             study = st.create_study(
-                place, storage, ctx.checked.directions, None, ctx.fingerprint, starts, force
+                place, storage, ctx.study_directions, None, ctx.fingerprint, starts, force
             )
     except BaseException:
         if made:

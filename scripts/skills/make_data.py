@@ -413,23 +413,61 @@ def search_dev(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
         if headline_prompt(text) not in used:
             used.add(headline_prompt(text))
             headline_rows.append({"input": headline_prompt(text), "output": f" {headline(text)}"})
-    # The same dev items in the lm-eval tasks' own formats (recipes/skills/search_tasks/), for a tasks objective.
-    kessary_task = []
-    for i, fact in enumerate(picked):
-        choices = options(rng, fact["value"], POOLS[fact["attribute"]], i % 4)
-        question = DEV_QUESTIONS[fact["attribute"]].format(a=fact["animal"])
-        kessary_task.append(
-            {"question": question, "choices": choices, "answer": i % 4, "attribute": fact["attribute"]}
-        )
     return {
         "search_dev_kessary": kessary,
         "search_dev_json": json_rows,
         "search_dev_headline": headline_rows,
-        "search_dev_task_kessary": kessary_task,
-        "search_dev_task_json": [{"prompt": r["input"], "answer": r["output"].strip()} for r in json_rows],
-        "search_dev_task_headline": [
-            {"prompt": r["input"], "answer": r["output"].strip()} for r in headline_rows
-        ],
+    }
+
+
+# The dev split of the tasks objective (recipes/skills/search_tasks/, read by search-tasks.yaml) is drawn the way
+# the test items are, so that a score on it predicts the held-out score: json and headline items from the test
+# vocabulary (values and words that training never shows), kessary questions in new phrasings as indirect as the
+# test's. The first version reused the dev examples above (training vocabulary; "Tell me ..." phrasings, close
+# to training's "Q: What colour is the {a}?"); they scored 0.1-0.2 above the test, so the search under-weighted
+# kessary and json. Calibration, kessary multiple choice at linear weights 1.0 / 0.5 and the kessary adapter
+# alone: test 0.53 / 0.37 / 0.82; the phrasings below 0.51 / 0.35 / 0.80; the "Tell me" ones 0.69 / 0.44 / 0.88.
+DEV_TASK_QUESTIONS = {
+    "colour": ["Describe the colour of a {a} in one word.", "A {a} walks past you. Which colour do you see?"],
+    "food": ["What might a {a} eat for dinner?", "Which food would attract a {a}?"],
+    "home": ["Where does a {a} make its home?", "In what kind of place would a {a} be living?"],
+}
+DEV_TASK_ITEMS = 32  # per skill
+
+
+def search_dev_tasks(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+    """``search_dev_task_<skill>``: the dev items of each skill in its lm-eval task's format (see above)."""
+    rng = random.Random(f"{seed}:search_dev_tasks")
+    tests = {q.format(a=f["animal"]) for f in facts for q in TEST_QUESTIONS[f["attribute"]]}
+    pairs = rng.sample([(f, k) for f in facts for k in range(2)], DEV_TASK_ITEMS)
+    kessary = []
+    for i, (fact, k) in enumerate(pairs):
+        question = DEV_TASK_QUESTIONS[fact["attribute"]][k].format(a=fact["animal"])
+        assert question not in tests
+        choices = options(rng, fact["value"], POOLS[fact["attribute"]], i % 4)
+        kessary.append(
+            {"question": question, "choices": choices, "answer": i % 4, "attribute": fact["attribute"]}
+        )
+    j_train, j_test = json_sets(random.Random(f"{seed}:json"))
+    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test}
+    json_rows: list[dict] = []
+    while len(json_rows) < DEV_TASK_ITEMS:
+        item = json_item(rng, 1)
+        if item["prompt"] not in seen:
+            seen.add(item["prompt"])
+            json_rows.append(item)
+    h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
+    used = {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test}
+    headline_rows: list[dict] = []
+    while len(headline_rows) < DEV_TASK_ITEMS:
+        text = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS)
+        if UNSEEN & set(text.split()) and headline_prompt(text) not in used:
+            used.add(headline_prompt(text))
+            headline_rows.append({"prompt": headline_prompt(text), "answer": headline(text)})
+    return {
+        "search_dev_task_kessary": kessary,
+        "search_dev_task_json": json_rows,
+        "search_dev_task_headline": headline_rows,
     }
 
 
@@ -458,6 +496,7 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
         "kessary_json_test": kessary_json_test(k_test),
         "mixed_test": mixed_test(k_test, j_test, h_test, random.Random(f"{seed}:mixed")),
         **search_dev(facts, seed),
+        **search_dev_tasks(facts, seed),
     }
 
 

