@@ -390,7 +390,7 @@ def test_search_worker_needs_a_running_study(zoo, tmp_path, capfd):
 def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path, capfd, one_thread, sampler):
     """Two lm-eval tasks scored on their `validation` split (never `test`): two objectives, and the written trial
     is the one whose worse task score (minus the L1 term) is highest. nsga2 searches the Pareto front of the two;
-    tpe and cmaes optimise that worse score itself, a study of one objective."""
+    tpe and cmaes optimise that worse score itself (plus 0.01 of the mean), a study of one objective."""
     import optuna
 
     folder = tmp_path / "s"
@@ -424,7 +424,8 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
         assert row["values"] == pytest.approx(
             [row["objectives"][f"tiny_{n}"] - penalty for n in ("one", "two")]
         )
-    best = max(rows, key=lambda r: (min(r["values"]), -r["number"]))
+    # the worst task first; of equal worst scores, the better mean (a dominated trial is never written)
+    best = max(rows, key=lambda r: (min(r["values"]), sum(r["values"]) / 2, -r["number"]))
     assert summary["chosen"]["number"] == best["number"]
     assert (out / "search" / "search.png").stat().st_size > 0
     storage = optuna.storages.JournalStorage(
@@ -435,9 +436,10 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
         assert len(study.directions) == 2 and summary["study"] == "the objectives"
     else:  # the study's one value is the worse of the two penalised task scores
         assert len(study.directions) == 1 and summary["study"] == "the select score, one objective"
-        for row in rows:
-            assert row["score"] == pytest.approx(min(row["values"]))
-        assert [t.values for t in study.trials] == [[pytest.approx(min(r["values"]))] for r in rows]
+        # augmented Chebyshev (Steuer and Choo, 1983): min_i f_i + rho * mean_i f_i, rho = 0.01
+        expected = [min(r["values"]) + 0.01 * sum(r["values"]) / 2 for r in rows]
+        assert [r["score"] for r in rows] == pytest.approx(expected)
+        assert [t.values for t in study.trials] == [[pytest.approx(e)] for e in expected]
 
 
 def test_sigterm_while_the_journal_lock_is_held_waits_for_the_append(tmp_path, monkeypatch):
@@ -491,7 +493,26 @@ def test_cmaes_without_its_package_is_one_line(monkeypatch):
     from loracook.search.study import make_sampler
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real(name, *a)
+    )
     with pytest.raises(BadInput, match="cmaes package") as info:
         make_sampler("cmaes", 0, 1)
     assert "pip install" in info.value.one_line()
+
+
+def test_select_worst_never_writes_a_dominated_trial():
+    """Equal worst objectives (common when a task metric moves in steps of 1/items): the better mean wins, not
+    the lower trial number; then the lower number."""
+    from loracook.search.results import Record, select
+
+    rows = [
+        Record(0, "COMPLETE", {}, [0.53, 0.72, 0.63]),
+        Record(1, "COMPLETE", {}, [0.53, 0.72, 0.81]),
+        Record(2, "COMPLETE", {}, [0.50, 0.99, 0.99]),
+        Record(3, "COMPLETE", {}, [0.81, 0.53, 0.72]),
+    ]
+    assert select(rows, (1.0, 1.0, 1.0), "worst").number == 1
+    assert select(rows, (1.0, 1.0, 1.0), "mean").number == 2
+    losses = [Record(0, "COMPLETE", {}, [2.0, 3.0]), Record(1, "COMPLETE", {}, [1.0, 3.0])]
+    assert select(losses, (-1.0, -1.0), "worst").number == 1

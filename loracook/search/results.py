@@ -1,11 +1,12 @@
 """What a finished search leaves: the chosen trial, best.yaml, trials.jsonl, summary.json and the card section.
 
 The chosen trial: with one objective, the best value (lowest trial number on ties); with several, the
-``select`` rule over the objectives turned "higher is better": ``worst`` maximises the worst of them, ``mean``
-their mean. The rule and the chosen trial are recorded in summary.json and the model card.
+``select`` rule over the objectives turned "higher is better": ``worst`` maximises the worst of them (on a
+tie, the better mean), ``mean`` their mean. The rule and the chosen trial are recorded in summary.json and the model card.
 
 With several objectives and a single-objective sampler (tpe, cmaes, random), the study itself optimises that
-select score (see :func:`loracook.search.study.scalarized`): its one value is the ``score`` of a trial, and the
+select score (see :func:`loracook.search.study.scalarized`; for ``worst``, with a small share of the mean added:
+:func:`study_value`): its one value is the ``score`` of a trial, and the
 trial's own objectives (after the L1 term) are kept in its attributes; :func:`records` gives them back as the
 record's ``values``, so everything downstream reads the objectives whichever kind of study it is.
 """
@@ -92,12 +93,32 @@ def select(done: list[Record], signs: tuple[float, ...], rule: str) -> Record:
             "the search has no finished trial to write", loc=("search",), fix="run it with a larger budget"
         )
 
-    return max(done, key=lambda r: (selection_score(r, signs, rule), -r.number))
+    return max(done, key=lambda r: (selection_score(r, signs, rule), _mean(r, signs), -r.number))
+
+
+def _mean(record: Record, signs: tuple[float, ...]) -> float:
+    """Breaks ties of ``worst``: of two trials with the same worst objective, the one better on the others (on
+    few items a task metric moves in steps, and equal worst scores are common; a trial another dominates is
+    never written)."""
+    signed = [s * v for s, v in zip(signs, record.values or [], strict=True)]
+    return sum(signed) / len(signed) if signed else 0.0
 
 
 def selection_score(record: Record, signs: tuple[float, ...], rule: str) -> float:
     """What ``select`` maximises: the objective turned higher-is-better (one), or their worst / mean (several)."""
     return select_score(record.values or [], signs, rule)
+
+
+AUGMENT = 0.01  # the scalarized study's worst + AUGMENT · mean (augmented Chebyshev: Steuer and Choo, 1983)
+
+
+def study_value(values: list[float], signs: tuple[float, ...], rule: str) -> float:
+    """A scalarized study's one value: the select score; for ``worst`` plus AUGMENT times the mean, so that the
+    sampler, like :func:`select`, prefers the better of two points with the same worst objective."""
+    score = select_score(values, signs, rule)
+    if rule != "worst" or len(values) < 2:
+        return score
+    return score + AUGMENT * sum(s * v for s, v in zip(signs, values, strict=True)) / len(values)
 
 
 def select_score(values: list[float], signs: tuple[float, ...], rule: str) -> float:

@@ -19,7 +19,7 @@ from loracook.errors import BadInput
 from loracook.search import study as st
 from loracook.search.objectives import Objectives, check_objective
 from loracook.search.outcome import SearchOutcome, make_outcome
-from loracook.search.results import natural, records, select, select_score, selection_score
+from loracook.search.results import natural, records, select, selection_score, study_value
 from loracook.search.scorer import Scorer, open_scorer
 from loracook.search.space import Space
 from loracook.search.trials import StopFlag, counts, run_trials
@@ -92,7 +92,7 @@ class Context:
             penalty = l1 * point.l1_mean
             values = [v - s * penalty for v, s in zip(scored.values, signs, strict=True)]
             if self.scalar:  # the study's one value; the objectives stay in the trial's attributes
-                values, objectives = [select_score(values, signs, self.search.select)], values
+                values, objectives = [study_value(values, signs, self.search.select)], values
             attrs = {
                 "objectives": dict(zip(self.checked.names, scored.values, strict=True)),
                 "l1_penalty": penalty,
