@@ -486,7 +486,7 @@ def test_resume_refuses_a_study_whose_objective_or_space_changed(zoo, tmp_path, 
     assert ("scored_on" if change != "space" else "space") in res.err
 
 
-def test_cmaes_without_its_package_is_one_line(monkeypatch):
+def test_cmaes_without_its_package_is_one_line(zoo, tmp_path, capfd, monkeypatch):
     import importlib.util
 
     from loracook.errors import BadInput
@@ -497,8 +497,15 @@ def test_cmaes_without_its_package_is_one_line(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real(name, *a)
     )
     with pytest.raises(BadInput, match="cmaes package") as info:
-        make_sampler("cmaes", 0, 1)
+        make_sampler("cmaes", 0)
     assert "pip install" in info.value.one_line()
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(tmp_path / "s", zoo.models["llama"], sources, search={"sampler": "cmaes"})
+    before = sorted(p.name for p in (tmp_path / "s").iterdir())
+    res = run_cli(["run", recipe], capfd)
+    assert res.code == 2 and "cmaes package" in res.err and "Traceback" not in res.err, str(res)
+    assert len(res.err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before  # no output, no study, nothing beside
 
 
 def test_select_worst_never_writes_a_dominated_trial():

@@ -53,9 +53,8 @@ class Objectives:
         for task in self.tasks.tasks if self.tasks is not None else ():
             config = copy.deepcopy(dict(task.config))
             files = (config.get("dataset_kwargs") or {}).get("data_files")
-            if isinstance(
-                files, dict
-            ):  # the files' bytes, not their paths: a moved recipe folder still resumes
+            # the files' bytes, not their paths: a moved recipe folder still resumes
+            if isinstance(files, dict):
                 config["dataset_kwargs"]["data_files"] = {
                     k: _file_digest(v) for k, v in sorted(files.items())
                 }

@@ -100,7 +100,12 @@ def _mean(record: Record, signs: tuple[float, ...]) -> float:
     """Breaks ties of ``worst``: of two trials with the same worst objective, the one better on the others (on
     few items a task metric moves in steps, and equal worst scores are common; a trial another dominates is
     never written)."""
-    signed = [s * v for s, v in zip(signs, record.values or [], strict=True)]
+    return _signed_mean(record.values or [], signs)
+
+
+def _signed_mean(values: list[float], signs: tuple[float, ...]) -> float:
+    """The mean of the objectives turned higher-is-better (0.0 for none)."""
+    signed = [s * v for s, v in zip(signs, values, strict=True)]
     return sum(signed) / len(signed) if signed else 0.0
 
 
@@ -118,7 +123,7 @@ def study_value(values: list[float], signs: tuple[float, ...], rule: str) -> flo
     score = select_score(values, signs, rule)
     if rule != "worst" or len(values) < 2:
         return score
-    return score + AUGMENT * sum(s * v for s, v in zip(signs, values, strict=True)) / len(values)
+    return score + AUGMENT * _signed_mean(values, signs)
 
 
 def select_score(values: list[float], signs: tuple[float, ...], rule: str) -> float:

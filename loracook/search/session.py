@@ -61,6 +61,7 @@ class Context:
     def check(cls, recipe, plan, target: Path) -> Context:
         checked = check_objective(recipe.search.objective)
         space = Space.from_recipe(recipe, plan.num_layers, plan.combine.method)
+        st.make_sampler(recipe.search.sampler, recipe.search.seed)  # a missing package fails before any work
         place = st.place_of(recipe, Path(target))
         return cls(recipe, plan, Path(target), checked, space, place, st.fingerprint(recipe, checked))
 
@@ -78,7 +79,7 @@ class Context:
         return ("maximize",) if self.scalar else self.checked.directions
 
     def sampler(self, offset: int):
-        return st.make_sampler(self.search.sampler, self.search.seed + offset, len(self.study_directions))
+        return st.make_sampler(self.search.sampler, self.search.seed + offset)
 
     def evaluator(self, scorer: Scorer) -> Callable:
         from loracook.plan.compile import recipe_values
@@ -91,16 +92,15 @@ class Context:
             scored = scorer.score(point.values(self.plan.num_layers, fixed))
             penalty = l1 * point.l1_mean
             values = [v - s * penalty for v, s in zip(scored.values, signs, strict=True)]
-            if self.scalar:  # the study's one value; the objectives stay in the trial's attributes
-                values, objectives = [study_value(values, signs, self.search.select)], values
             attrs = {
                 "objectives": dict(zip(self.checked.names, scored.values, strict=True)),
                 "l1_penalty": penalty,
                 "apply_seconds": scored.apply_seconds,
                 "objective_seconds": scored.objective_seconds,
             }
-            if self.scalar:
-                attrs["values"] = objectives
+            if self.scalar:  # the study's one value; the objectives stay in the trial's attributes
+                attrs["values"] = values
+                return [study_value(values, signs, self.search.select)], attrs
             return values, attrs
 
         return evaluate

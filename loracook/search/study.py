@@ -132,12 +132,9 @@ def scalarized(sampler: str, objectives: int) -> bool:
     return objectives > 1 and sampler != "nsga2"
 
 
-def make_sampler(name: str, seed: int, objectives: int):
-    """The Optuna sampler; ``objectives`` is the number the study optimises (1 when scalarized)."""
+def make_sampler(name: str, seed: int):
+    """The Optuna sampler (cmaes only ever sees one objective: several are scalarized for it)."""
     optuna = import_optuna()
-    if name == "cmaes" and objectives > 1:  # not reached from a recipe: several objectives are scalarized
-        raise BadInput(f"sampler cmaes optimises one objective; this study has {objectives}", loc=("search", "sampler"),
-                       fix="use nsga2 for a Pareto front of several objectives")  # fmt: skip
     if name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise BadInput("sampler cmaes needs the cmaes package", loc=("search", "sampler"),
                        fix="pip install 'loracook[search]' (or pip install cmaes)")  # fmt: skip
