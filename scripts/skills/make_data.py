@@ -397,22 +397,14 @@ def search_dev(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
         for f in picked
     ]  # fmt: skip
     assert not any(row["input"].split("\n")[0].removeprefix("Question: ") in tests for row in kessary)
-    j_train, j_test = json_sets(random.Random(f"{seed}:json"))
-    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test}
-    json_rows: list[dict] = []
-    while len(json_rows) < DEV_ITEMS["json"]:
-        item = json_item(rng, 0)
-        if item["prompt"] not in seen:
-            seen.add(item["prompt"])
-            json_rows.append({"input": item["prompt"], "output": " " + item["answer"]})
-    h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
-    used = {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test}
-    headline_rows: list[dict] = []
-    while len(headline_rows) < DEV_ITEMS["headline"]:
-        text = phrase(rng, ADJECTIVES, NOUNS)
-        if headline_prompt(text) not in used:
-            used.add(headline_prompt(text))
-            headline_rows.append({"input": headline_prompt(text), "output": f" {headline(text)}"})
+    json_rows = [
+        {"input": item["prompt"], "output": " " + item["answer"]}
+        for item in _new_json_items(rng, seed, 0, DEV_ITEMS["json"])
+    ]
+    headline_rows = [
+        {"input": headline_prompt(text), "output": f" {headline(text)}"}
+        for text in _new_headline_texts(rng, seed, DEV_ITEMS["headline"], test_like=False)
+    ]
     return {
         "search_dev_kessary": kessary,
         "search_dev_json": json_rows,
@@ -448,27 +440,44 @@ def search_dev_tasks(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
         kessary.append(
             {"question": question, "choices": choices, "answer": i % 4, "attribute": fact["attribute"]}
         )
-    j_train, j_test = json_sets(random.Random(f"{seed}:json"))
-    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test}
-    json_rows: list[dict] = []
-    while len(json_rows) < DEV_TASK_ITEMS:
-        item = json_item(rng, 1)
-        if item["prompt"] not in seen:
-            seen.add(item["prompt"])
-            json_rows.append(item)
-    h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
-    used = {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test}
-    headline_rows: list[dict] = []
-    while len(headline_rows) < DEV_TASK_ITEMS:
-        text = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS)
-        if UNSEEN & set(text.split()) and headline_prompt(text) not in used:
-            used.add(headline_prompt(text))
-            headline_rows.append({"prompt": headline_prompt(text), "answer": headline(text)})
+    json_rows = _new_json_items(rng, seed, 1, DEV_TASK_ITEMS)
+    headline_rows = [
+        {"prompt": headline_prompt(text), "answer": headline(text)}
+        for text in _new_headline_texts(rng, seed, DEV_TASK_ITEMS, test_like=True)
+    ]
     return {
         "search_dev_task_kessary": kessary,
         "search_dev_task_json": json_rows,
         "search_dev_task_headline": headline_rows,
     }
+
+
+def _new_json_items(rng: random.Random, seed: int, split: int, count: int) -> list[dict]:
+    """``count`` json items drawn from ``split``'s values (0 training, 1 test) that are neither training nor
+    test items, nor each other."""
+    j_train, j_test = json_sets(random.Random(f"{seed}:json"))
+    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test}
+    items: list[dict] = []
+    while len(items) < count:
+        item = json_item(rng, split)
+        if item["prompt"] not in seen:
+            seen.add(item["prompt"])
+            items.append(item)
+    return items
+
+
+def _new_headline_texts(rng: random.Random, seed: int, count: int, *, test_like: bool) -> list[str]:
+    """``count`` headline phrases that are neither training nor test phrases, nor each other: from the training
+    vocabulary, or (``test_like``) drawn as the test phrases are, each with a word training never uses."""
+    h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
+    used = {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test}
+    texts: list[str] = []
+    while len(texts) < count:
+        text = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS) if test_like else phrase(rng, ADJECTIVES, NOUNS)
+        if (not test_like or UNSEEN & set(text.split())) and headline_prompt(text) not in used:
+            used.add(headline_prompt(text))
+            texts.append(text)
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------- main
