@@ -464,6 +464,53 @@ def test_sigterm_while_the_journal_lock_is_held_waits_for_the_append(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]
 
 
+def _journal_study(folder: Path):
+    import optuna
+
+    from loracook.search.study import journal_backend
+
+    storage = optuna.storages.JournalStorage(journal_backend(folder / "journal.log"))
+    return optuna.create_study(study_name="s", storage=storage), storage
+
+
+def test_sigterm_between_ask_and_tag_still_tags_the_trial(tmp_path, monkeypatch):
+    """Asking a trial and tagging it with its worker are two journal writes; a SIGTERM between them left a RUNNING
+    trial no one owned, which held a place in the budget until a 10-minute timeout (a --resume slept that long)."""
+    from loracook.io.signals import Terminated, handling_signals
+    from loracook.search.study import Place
+    from loracook.search.trials import StopFlag, run_trials, worker_tag
+
+    study, storage = _journal_study(tmp_path)
+    ask = study.ask
+
+    def ask_then_terminated(*args, **kwargs):
+        trial = ask(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode, before the tag
+        return trial
+
+    monkeypatch.setattr(study, "ask", ask_then_terminated)
+    with handling_signals(), StopFlag() as stop, pytest.raises(Terminated):
+        run_trials(
+            study, storage, Place(tmp_path, None, "s"), 5, lambda t: pytest.fail("not evaluated"), stop
+        )
+    [trial] = study.trials
+    assert trial.user_attrs["worker"] == worker_tag()
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_an_untagged_running_trial_is_failed_at_once_only_under_a_shared_lock(tmp_path, journal):
+    """A worker SIGKILLed between ask and tag leaves an untagged RUNNING trial. With a journal every worker asks
+    under the lock the caller holds, so it is an orphan now; with an RDB another host may be tagging it."""
+    from optuna.trial import TrialState
+
+    from loracook.search.trials import fail_stale
+
+    study, storage = _journal_study(tmp_path)
+    study.ask()
+    fail_stale(study, storage, untagged_is_orphan=journal)
+    assert study.trials[0].state == (TrialState.FAIL if journal else TrialState.RUNNING)
+
+
 @pytest.mark.parametrize("change", ["examples", "limit", "space"])
 def test_resume_refuses_a_study_whose_objective_or_space_changed(zoo, tmp_path, capfd, one_thread, change):
     """--resume continues a study only on what it was scored on: new example rows (same file, same count), a

@@ -22,8 +22,6 @@ from loracook.errors import BadInput
 
 JOURNAL = "journal.log"
 STUDY = "loracook-search"
-STALE_UNTAGGED_SECONDS = 600
-MAX_FAILURES_IN_A_ROW = 10  # a RUNNING trial with no worker tag this old was orphaned between ask and tag
 
 
 def study_folder(target: Path) -> Path:

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loracook.errors import BadInput
+from loracook.io.signals import deferred_signals
 from loracook.io.writer import pid_alive
 from loracook.search.study import Place
 
-STALE_UNTAGGED_SECONDS = 600  # a RUNNING trial with no worker tag this old was orphaned between ask and tag
+# RDB: a RUNNING trial with no worker tag this old was orphaned between ask and tag
+STALE_UNTAGGED_SECONDS = 600
 MAX_FAILURES_IN_A_ROW = 10
 
 
@@ -92,9 +94,14 @@ def worker_tag() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def fail_stale(study, storage) -> None:
+def fail_stale(study, storage, *, untagged_is_orphan: bool) -> None:
     """Mark as failed the RUNNING trials whose worker is gone: on this host, a dead pid; elsewhere, a stale RDB
-    heartbeat (Optuna's own rule)."""
+    heartbeat (Optuna's own rule).
+
+    A trial is asked and tagged with its worker under the budget lock, signals deferred. A trial still untagged
+    is one whose worker died between the two (SIGKILL). ``untagged_is_orphan``: the caller holds the lock that
+    every worker of the study asks under (a journal file: all workers on this host), so such a trial is failed
+    at once; with an RDB, workers on other hosts ask under their own lock, and it is failed only when old."""
     import optuna
     from optuna.trial import TrialState
 
@@ -106,7 +113,7 @@ def fail_stale(study, storage) -> None:
         tag = trial.user_attrs.get("worker")
         if tag is None:
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
-            stale = now - started > STALE_UNTAGGED_SECONDS
+            stale = untagged_is_orphan or now - started > STALE_UNTAGGED_SECONDS
         else:
             tag_host, _, pid = tag.rpartition(":")
             stale = tag_host == host and pid.isdigit() and not pid_alive(int(pid))
@@ -181,12 +188,14 @@ def run_trials(
                 fix="narrow the weight bounds",
             )
         with budget_lock(place.lock_file()):
-            fail_stale(study, storage)
+            fail_stale(study, storage, untagged_is_orphan=place.url is None)
             now = counts(study)
             if now.complete + now.running >= budget:
                 return
-            trial = study.ask()
-            trial.set_user_attr("worker", worker_tag())
+            # two storage writes: a SIGTERM between them would leave a trial that no worker owns
+            with deferred_signals():
+                trial = study.ask()
+                trial.set_user_attr("worker", worker_tag())
         if place.url is not None and _past_budget(study, trial.number, budget):
             study.tell(trial, state=TrialState.FAIL)
             return

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loracook.errors import BadInput
+from loracook.io.signals import Terminated, handling_signals
 from loracook.search import study as st
 from loracook.search.scorer import open_scorer
 from loracook.search.session import Context, SearchEvent, reporter
@@ -73,13 +74,17 @@ def _child(payload: dict, shared, threads: int) -> None:
 
     torch.set_num_threads(threads)
     try:
-        join_search(payload["recipe"], Path(payload["target"]), device=payload["device"],
-                    offset=payload["index"], shared=shared)  # fmt: skip
+        # SIGTERM to the process group (timeout, Slurm): the running trial is failed, the journal left whole
+        with handling_signals():
+            join_search(payload["recipe"], Path(payload["target"]), device=payload["device"],
+                        offset=payload["index"], shared=shared)  # fmt: skip
     except BadInput as error:
         print(f"error: search worker {payload['index']}: {error.one_line()}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except Terminated as stop:
+        raise SystemExit(stop.exit_code) from None
 
 
 def join_search(
