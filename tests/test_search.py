@@ -386,11 +386,24 @@ def test_search_worker_needs_a_running_study(zoo, tmp_path, capfd):
     assert not (tmp_path / "s" / ".out.search").exists()
 
 
-@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "cmaes"])
-def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path, capfd, one_thread, sampler):
+def _gain(values: list[float], starts: list[list[float]]) -> float:
+    """select: improve written out: min(mean - M0, worst - W0), M0 / W0 the starting points' best mean / worst."""
+    mean = sum(values) / len(values)
+    best_mean = max(sum(v) / len(v) for v in starts)
+    best_worst = max(min(v) for v in starts)
+    return min(mean - best_mean, min(values) - best_worst)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "rule"), [("nsga2", "worst"), ("tpe", "worst"), ("cmaes", "worst"), ("tpe", "improve")]
+)
+def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(
+    zoo, tmp_path, capfd, one_thread, sampler, rule
+):
     """Two lm-eval tasks scored on their `validation` split (never `test`): two objectives, and the written trial
     is the one whose worse task score (minus the L1 term) is highest. nsga2 searches the Pareto front of the two;
-    tpe and cmaes optimise that worse score itself (plus 0.01 of the mean), a study of one objective."""
+    tpe and cmaes optimise that worse score itself (plus 0.01 of the mean), a study of one objective. With
+    `select: improve` the study's value is the gain over the starting points finished so far."""
     import optuna
 
     folder = tmp_path / "s"
@@ -411,21 +424,30 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
         )
         tasks.append(str(folder / f"{name}.yaml"))
     sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
-    search = {"objective": {"tasks": tasks, "limit": 4}, "sampler": sampler, "budget": 3, "l1": 0.01}
+    search = {
+        "objective": {"tasks": tasks, "limit": 4},
+        "sampler": sampler,
+        "budget": 3,
+        "l1": 0.01,
+        "select": rule,
+    }
     recipe = search_recipe(folder, zoo.models["llama"], sources, search=search)
     res = run_cli(["run", recipe], capfd)
     assert res.code == 0, str(res)
     out = folder / "out"
     rows = trials(out)
     summary = json.loads((out / "search" / "summary.json").read_text())
-    assert summary["directions"] == ["maximize", "maximize"] and summary["select"] == "worst"
+    assert summary["directions"] == ["maximize", "maximize"] and summary["select"] == rule
     for row in rows:
         penalty = 0.01 * sum(abs(v) for v in row["params"].values()) / 2
         assert row["values"] == pytest.approx(
             [row["objectives"][f"tiny_{n}"] - penalty for n in ("one", "two")]
         )
+    starts = [r["values"] for r in rows if r.get("start")]
+    assert rows[0]["start"] == "all weights 1"
+    score = (lambda r: _gain(r["values"], starts)) if rule == "improve" else (lambda r: min(r["values"]))
     # the worst task first; of equal worst scores, the better mean (a dominated trial is never written)
-    best = max(rows, key=lambda r: (min(r["values"]), sum(r["values"]) / 2, -r["number"]))
+    best = max(rows, key=lambda r: (score(r), sum(r["values"]) / 2, -r["number"]))
     assert summary["chosen"]["number"] == best["number"]
     assert (out / "search" / "search.png").stat().st_size > 0
     storage = optuna.storages.JournalStorage(
@@ -436,8 +458,15 @@ def test_tasks_objectives_on_a_dev_split_pick_the_best_worst_task(zoo, tmp_path,
         assert len(study.directions) == 2 and summary["study"] == "the objectives"
     else:  # the study's one value is the worse of the two penalised task scores
         assert len(study.directions) == 1 and summary["study"] == "the select score, one objective"
-        # augmented Chebyshev (Steuer and Choo, 1983): min_i f_i + rho * mean_i f_i, rho = 0.01
-        expected = [min(r["values"]) + 0.01 * sum(r["values"]) / 2 for r in rows]
+        # augmented Chebyshev (Steuer and Choo, 1983): min_i f_i + rho * mean_i f_i, rho = 0.01; improve: the
+        # gain over the starting points told before (one worker: those numbered lower) or this one
+        if rule == "improve":
+            so_far = [[x["values"] for x in rows[: i + 1] if x.get("start")] for i in range(len(rows))]
+            expected = [
+                _gain(r["values"], s) + 0.01 * sum(r["values"]) / 2 for r, s in zip(rows, so_far, strict=True)
+            ]
+        else:
+            expected = [min(r["values"]) + 0.01 * sum(r["values"]) / 2 for r in rows]
         assert [r["score"] for r in rows] == pytest.approx(expected)
         assert [t.values for t in study.trials] == [[pytest.approx(e)] for e in expected]
 
@@ -553,6 +582,30 @@ def test_cmaes_without_its_package_is_one_line(zoo, tmp_path, capfd, monkeypatch
     assert res.code == 2 and "cmaes package" in res.err and "Traceback" not in res.err, str(res)
     assert len(res.err.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before  # no output, no study, nothing beside
+
+
+def test_select_improve_beats_the_starting_points_on_mean_and_worst():
+    """`improve` writes the trial whose smaller gain over the starting points (the best mean and the best worst
+    objective among them) is largest: here the only trial that beats both on both counts, which neither `worst`
+    (a lower mean than a start) nor `mean` (a lower worst) writes. Losses are turned higher-is-better first."""
+    from loracook.search.results import Record, select
+
+    rows = [
+        Record(0, "COMPLETE", {}, [0.56, 0.47, 0.75], {"start": "all weights 1"}),
+        Record(1, "COMPLETE", {}, [0.34, 0.78, 0.84], {"start": "the recipe's merge.weights"}),
+        Record(2, "COMPLETE", {}, [0.63, 0.56, 0.63]),  # best worst, mean 0.607 < start 1's 0.653
+        Record(3, "COMPLETE", {}, [0.50, 0.75, 0.80]),  # mean 0.683, worst 0.50: both beat the starts
+        Record(4, "COMPLETE", {}, [0.40, 0.90, 0.90]),  # best mean, worst 0.40 < start 0's 0.47
+    ]
+    up = (1.0, 1.0, 1.0)
+    starts = [r.values for r in rows if r.attrs.get("start")]
+    assert max(rows, key=lambda r: _gain(r.values, starts)).number == 3
+    assert select(rows, up, "improve").number == 3
+    assert select(rows, up, "worst").number == 2
+    assert select(rows, up, "mean").number == 4
+    assert select(rows[2:], up, "improve").number == 2  # no starting point finished: as `worst`
+    losses = [Record(r.number, r.state, {}, [1 - v for v in r.values], r.attrs) for r in rows]
+    assert select(losses, (-1.0, -1.0, -1.0), "improve").number == 3
 
 
 def test_select_worst_never_writes_a_dominated_trial():

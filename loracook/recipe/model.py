@@ -247,10 +247,11 @@ class Search(Strict):
     storage: str | None = Field(
         None, description="default: an Optuna journal file in <output>/search/; or an RDB URL"
     )
-    select: Literal["worst", "mean"] = Field(
+    select: Literal["worst", "mean", "improve"] = Field(
         "worst",
-        description="several objectives: the written result maximises the worst task score (or the mean); tpe, "
-        "cmaes and random optimise that score itself, nsga2 a Pareto front of the objectives",
+        description="several objectives: the written result maximises the worst task score, the mean, or "
+        "(improve) the smaller of its gains over the starting points in mean and in worst score; tpe, cmaes and "
+        "random optimise that score itself, nsga2 a Pareto front of the objectives",
     )
 
 

@@ -14,6 +14,7 @@ from loracook.search.results import (
     card_section,
     recipe_yaml,
     records,
+    reference_for,
     select,
     with_card_section,
     write_files,
@@ -62,6 +63,7 @@ def make_outcome(ctx: Context, study, scorer: Scorer, seconds: float) -> SearchO
     done = [r for r in rows if r.state == "COMPLETE"]
     signs, rule = ctx.checked.signs, ctx.search.select
     chosen = select(done, signs, rule)
+    reference = reference_for(done, signs, rule) if len(ctx.checked.names) > 1 else None
     point = ctx.space.point(chosen.params)
     recipe = best_recipe(ctx.recipe, point.weights, point.densities, ctx.target)
     start = next((r for r in done if r.info.get("start") == "all weights 1"), None)
@@ -88,6 +90,7 @@ def make_outcome(ctx: Context, study, scorer: Scorer, seconds: float) -> SearchO
         "densities": dict(point.densities),
         "start": {"label": "all weights 1", "number": start.number, "objectives": start.info.get("objectives")}
         if start else None,
+        "reference": dict(zip(("mean", "worst"), reference, strict=True)) if reference else None,
         "seconds": seconds,
         "seconds_per_trial": sum(r.info.get("seconds", 0.0) for r in done) / len(done),
         "apply_seconds_mean": sum(r.info.get("apply_seconds", 0.0) for r in done) / len(done),
@@ -120,4 +123,9 @@ def _rule(ctx: Context) -> str:
     searched = f"; {ctx.search.sampler} optimised it directly" if ctx.scalar else ""
     if ctx.search.select == "worst":
         return f"select: worst, the trial whose worst objective is best{searched}"
+    if ctx.search.select == "improve":
+        return (
+            "select: improve, the trial that beats the starting points by most on both the mean and the worst "
+            f"objective (the smaller of the two gains){searched}"
+        )
     return f"select: mean, the trial with the best mean objective{searched}"

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from loracook.plots import new_figure, save
-from loracook.search.results import Record, best_so_far, natural, selection_score
+from loracook.search.results import (
+    RULE_LABELS,
+    Record,
+    best_so_far,
+    natural,
+    reference_for,
+    selection_score,
+)
 
 
 def plot_search(
@@ -22,14 +29,17 @@ def plot_search(
     axes = fig.subplots(1, 2 if several else 1, squeeze=False)[0]
     ax = axes[0]
     numbers = [r.number for r in done]
-    scores = [natural(selection_score(r, signs, rule), signs) for r in done]
-    lower = all(s < 0 for s in signs)
-    label = names[0] if not several else f"{rule} objective"
+    reference = reference_for(done, signs, rule)
+    scores = [natural(selection_score(r, signs, rule, reference), signs, rule) for r in done]
+    lower = rule != "improve" and all(s < 0 for s in signs)
+    label = names[0] if not several else RULE_LABELS[rule]
     ax.scatter(numbers, scores, s=14, color="tab:blue", label="trial")
     steps = best_so_far(done, signs, rule)
     ax.step(
         [n for n, _ in steps], [v for _, v in steps], where="post", color="tab:orange", label="best so far"
     )
+    if several and rule == "improve":
+        ax.axhline(0.0, color="gray", lw=0.8, ls="--", label="the starting points")
     ax.set_xlabel("trial")
     ax.set_ylabel(f"{label} + L1 term ({'lower' if lower else 'higher'} is better)")
     ax.set_title("search progress")

@@ -2,7 +2,11 @@
 
 The chosen trial: with one objective, the best value (lowest trial number on ties); with several, the
 ``select`` rule over the objectives turned "higher is better": ``worst`` maximises the worst of them (on a
-tie, the better mean), ``mean`` their mean. The rule and the chosen trial are recorded in summary.json and the model card.
+tie, the better mean), ``mean`` their mean, and ``improve`` the smaller of the two gains over the starting points
+(the enqueued trials): min(mean - M0, worst - W0), M0 and W0 the best mean and the best worst objective among
+them (an achievement scalarizing function with the starting points as the reference; Wierzbicki, 1980). A trial
+with a positive score beats every starting point on both the mean and the worst objective. The rule and the
+chosen trial are recorded in summary.json and the model card.
 
 With several objectives and a single-objective sampler (tpe, cmaes, random), the study itself optimises that
 select score (see :func:`loracook.search.study.scalarized`; for ``worst``, with a small share of the mean added:
@@ -92,8 +96,31 @@ def select(done: list[Record], signs: tuple[float, ...], rule: str) -> Record:
         raise BadInput(
             "the search has no finished trial to write", loc=("search",), fix="run it with a larger budget"
         )
+    reference = reference_for(done, signs, rule)
+    return max(done, key=lambda r: (selection_score(r, signs, rule, reference), _mean(r, signs), -r.number))
 
-    return max(done, key=lambda r: (selection_score(r, signs, rule), _mean(r, signs), -r.number))
+
+Reference = tuple[float, float]  # select: improve's (best mean, best worst) of the starting points
+
+
+def reference_for(done: list[Record], signs: tuple[float, ...], rule: str) -> Reference | None:
+    """``improve``'s reference from the finished starting points among ``done`` (None for the other rules)."""
+    if rule != "improve":
+        return None
+    return start_reference([r.values for r in done if r.info.get("start") and r.values], signs)
+
+
+def start_reference(starts: list[list[float]], signs: tuple[float, ...]) -> Reference | None:
+    """(the best mean, the best worst objective) of the starting points' values, turned higher-is-better;
+    None when none of them has finite values (``improve`` then scores like ``worst``)."""
+    scored = [
+        [s * v for s, v in zip(signs, values, strict=True)]
+        for values in starts
+        if all(math.isfinite(v) for v in values)
+    ]
+    if not scored:
+        return None
+    return max(sum(v) / len(v) for v in scored), max(min(v) for v in scored)
 
 
 def _mean(record: Record, signs: tuple[float, ...]) -> float:
@@ -109,45 +136,64 @@ def _signed_mean(values: list[float], signs: tuple[float, ...]) -> float:
     return sum(signed) / len(signed) if signed else 0.0
 
 
-def selection_score(record: Record, signs: tuple[float, ...], rule: str) -> float:
-    """What ``select`` maximises: the objective turned higher-is-better (one), or their worst / mean (several)."""
-    return select_score(record.values or [], signs, rule)
+def selection_score(
+    record: Record, signs: tuple[float, ...], rule: str, reference: Reference | None = None
+) -> float:
+    """What ``select`` maximises: the objective turned higher-is-better (one), or their worst / mean / gain
+    over the starting points (several; ``reference`` from :func:`reference_for`)."""
+    return select_score(record.values or [], signs, rule, reference)
 
 
+RULE_LABELS = {
+    "worst": "worst objective",
+    "mean": "mean objective",
+    "improve": "gain over the starts",
+}
 AUGMENT = 0.01  # the scalarized study's worst + AUGMENT · mean (augmented Chebyshev: Steuer and Choo, 1983)
 
 
-def study_value(values: list[float], signs: tuple[float, ...], rule: str) -> float:
-    """A scalarized study's one value: the select score; for ``worst`` plus AUGMENT times the mean, so that the
-    sampler, like :func:`select`, prefers the better of two points with the same worst objective."""
-    score = select_score(values, signs, rule)
-    if rule != "worst" or len(values) < 2:
+def study_value(
+    values: list[float], signs: tuple[float, ...], rule: str, reference: Reference | None = None
+) -> float:
+    """A scalarized study's one value: the select score; for ``worst`` and ``improve`` plus AUGMENT times the
+    mean, so that the sampler, like :func:`select`, prefers the better of two points with the same score."""
+    score = select_score(values, signs, rule, reference)
+    if rule == "mean" or len(values) < 2:
         return score
     return score + AUGMENT * _signed_mean(values, signs)
 
 
-def select_score(values: list[float], signs: tuple[float, ...], rule: str) -> float:
+def select_score(
+    values: list[float], signs: tuple[float, ...], rule: str, reference: Reference | None = None
+) -> float:
     """The select rule on one trial's objectives; NaN when any of them is not finite."""
     signed = [s * v for s, v in zip(signs, values, strict=True)]
     if not all(math.isfinite(v) for v in signed):
         return math.nan
     if len(signed) == 1:
         return signed[0]
-    return min(signed) if rule == "worst" else sum(signed) / len(signed)
+    mean, worst = sum(signed) / len(signed), min(signed)
+    if rule == "mean":
+        return mean
+    if rule == "improve" and reference is not None:
+        return min(mean - reference[0], worst - reference[1])
+    return worst
 
 
-def natural(score: float, signs: tuple[float, ...]) -> float:
-    """A selection score in the objectives' own units when they share a direction (e.g. the worst loss)."""
-    return -score if all(s < 0 for s in signs) else score
+def natural(score: float, signs: tuple[float, ...], rule: str = "worst") -> float:
+    """A selection score in the objectives' own units when they share a direction (e.g. the worst loss); a
+    gain (``improve``) stays a gain."""
+    return -score if rule != "improve" and all(s < 0 for s in signs) else score
 
 
 def best_so_far(done: list[Record], signs: tuple[float, ...], rule: str) -> list[tuple[int, float]]:
     """(trial number, the selection score of the best trial up to it, in natural units), for the plot."""
+    reference = reference_for(done, signs, rule)
     out, best = [], None
     for record in sorted(done, key=lambda r: r.number):
-        value = selection_score(record, signs, rule)
+        value = selection_score(record, signs, rule, reference)
         best = value if best is None else max(best, value)
-        out.append((record.number, natural(best, signs)))
+        out.append((record.number, natural(best, signs, rule)))
     return out
 
 

@@ -19,7 +19,16 @@ from loracook.errors import BadInput
 from loracook.search import study as st
 from loracook.search.objectives import Objectives, check_objective
 from loracook.search.outcome import SearchOutcome, make_outcome
-from loracook.search.results import natural, records, select, selection_score, study_value
+from loracook.search.results import (
+    RULE_LABELS,
+    natural,
+    records,
+    reference_for,
+    select,
+    selection_score,
+    start_reference,
+    study_value,
+)
 from loracook.search.scorer import Scorer, open_scorer
 from loracook.search.space import Space
 from loracook.search.trials import StopFlag, counts, run_trials
@@ -100,10 +109,22 @@ class Context:
             }
             if self.scalar:  # the study's one value; the objectives stay in the trial's attributes
                 attrs["values"] = values
-                return [study_value(values, signs, self.search.select)], attrs
+                reference = _live_reference(trial, values, signs) if self.search.select == "improve" else None
+                return [study_value(values, signs, self.search.select, reference)], attrs
             return values, attrs
 
         return evaluate
+
+
+def _live_reference(trial, values: list[float], signs: tuple[float, ...]):
+    """``improve``'s reference when a trial is told: the starting points finished so far, and this trial if it
+    is one. The starting points are asked first, so with one worker every later trial sees all of them; a
+    trial of another worker told before they finish gets a value against fewer (the written choice is always
+    made against all of them)."""
+    starts = [r.values for r in records(trial.study) if r.state == "COMPLETE" and r.info.get("start")]
+    if trial.user_attrs.get("start"):
+        starts.append(values)
+    return start_reference([v for v in starts if v], signs)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -216,8 +237,8 @@ def _prepare_place(ctx: Context, *, force: bool, resume: bool) -> bool:
 
 
 def reporter(ctx: Context, study, on_event) -> Callable[[str], None]:
-    label = ctx.checked.names[0] if len(ctx.checked.names) == 1 else f"{ctx.search.select} objective"
-    signs = ctx.checked.signs
+    rule, signs = ctx.search.select, ctx.checked.signs
+    label = ctx.checked.names[0] if len(ctx.checked.names) == 1 else RULE_LABELS[rule]
 
     def report(kind: str) -> None:
         if on_event is None:
@@ -225,8 +246,8 @@ def reporter(ctx: Context, study, on_event) -> Callable[[str], None]:
         done = [r for r in records(study) if r.state == "COMPLETE"]
         best = None
         if done:
-            chosen = select(done, signs, ctx.search.select)
-            best = natural(selection_score(chosen, signs, ctx.search.select), signs)
+            reference = reference_for(done, signs, rule)
+            best = natural(selection_score(select(done, signs, rule), signs, rule, reference), signs, rule)
         on_event(SearchEvent(kind, len(done), ctx.search.budget, best, label, ctx.place.shown))
 
     return report

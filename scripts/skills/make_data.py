@@ -418,45 +418,59 @@ def search_dev(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
 # test's. The first version reused the dev examples above (training vocabulary; "Tell me ..." phrasings, close
 # to training's "Q: What colour is the {a}?"); they scored 0.1-0.2 above the test, so the search under-weighted
 # kessary and json. Calibration, kessary multiple choice at linear weights 1.0 / 0.5 and the kessary adapter
-# alone: test 0.53 / 0.37 / 0.82; the phrasings below 0.51 / 0.35 / 0.80; the "Tell me" ones 0.69 / 0.44 / 0.88.
+# alone: test 0.53 / 0.37 / 0.82; the phrasings below 0.51 / 0.35 / 0.80; the "Tell me" ones 0.69 / 0.44 / 0.88
+# (32 items each). 64 items per skill since: on 32, a score moves in steps of 1/32 with a standard error near
+# 0.08, the worst skill tied often, and the best of ~100 candidates on dev held out 0.05 lower on every skill.
 DEV_TASK_QUESTIONS = {
     "colour": ["Describe the colour of a {a} in one word.", "A {a} walks past you. Which colour do you see?"],
     "food": ["What might a {a} eat for dinner?", "Which food would attract a {a}?"],
     "home": ["Where does a {a} make its home?", "In what kind of place would a {a} be living?"],
 }
-DEV_TASK_ITEMS = 32  # per skill
+DEV_TASK_ITEMS = 64  # per skill, drawn in rounds: the first round is the first version's 32 items, unchanged
+DEV_TASK_ROUND = 32
 
 
 def search_dev_tasks(facts: list[dict], seed: int = 0) -> dict[str, list[dict]]:
     """``search_dev_task_<skill>``: the dev items of each skill in its lm-eval task's format (see above)."""
     rng = random.Random(f"{seed}:search_dev_tasks")
     tests = {q.format(a=f["animal"]) for f in facts for q in TEST_QUESTIONS[f["attribute"]]}
-    pairs = rng.sample([(f, k) for f in facts for k in range(2)], DEV_TASK_ITEMS)
-    kessary = []
-    for i, (fact, k) in enumerate(pairs):
-        question = DEV_TASK_QUESTIONS[fact["attribute"]][k].format(a=fact["animal"])
-        assert question not in tests
-        choices = options(rng, fact["value"], POOLS[fact["attribute"]], i % 4)
-        kessary.append(
-            {"question": question, "choices": choices, "answer": i % 4, "attribute": fact["attribute"]}
-        )
-    json_rows = _new_json_items(rng, seed, 1, DEV_TASK_ITEMS)
-    headline_rows = [
-        {"prompt": headline_prompt(text), "answer": headline(text)}
-        for text in _new_headline_texts(rng, seed, DEV_TASK_ITEMS, test_like=True)
-    ]
+    pool = [(f, k) for f in facts for k in range(2)]
+    kessary: list[dict] = []
+    json_rows: list[dict] = []
+    headlines: list[str] = []
+    for _ in range(DEV_TASK_ITEMS // DEV_TASK_ROUND):
+        asked = {row["question"] for row in kessary}
+        fresh = [
+            (f, k)
+            for f, k in pool
+            if DEV_TASK_QUESTIONS[f["attribute"]][k].format(a=f["animal"]) not in asked
+        ]
+        for fact, k in rng.sample(fresh, DEV_TASK_ROUND):
+            question = DEV_TASK_QUESTIONS[fact["attribute"]][k].format(a=fact["animal"])
+            assert question not in tests
+            i = len(kessary)
+            choices = options(rng, fact["value"], POOLS[fact["attribute"]], i % 4)
+            kessary.append(
+                {"question": question, "choices": choices, "answer": i % 4, "attribute": fact["attribute"]}
+            )
+        json_rows += _new_json_items(rng, seed, 1, DEV_TASK_ROUND, taken={r["prompt"] for r in json_rows})
+        headlines += _new_headline_texts(rng, seed, DEV_TASK_ROUND, test_like=True, taken=set(headlines))
     return {
         "search_dev_task_kessary": kessary,
         "search_dev_task_json": json_rows,
-        "search_dev_task_headline": headline_rows,
+        "search_dev_task_headline": [
+            {"prompt": headline_prompt(t), "answer": headline(t)} for t in headlines
+        ],
     }
 
 
-def _new_json_items(rng: random.Random, seed: int, split: int, count: int) -> list[dict]:
+def _new_json_items(
+    rng: random.Random, seed: int, split: int, count: int, *, taken: set[str] = frozenset()
+) -> list[dict]:
     """``count`` json items drawn from ``split``'s values (0 training, 1 test) that are neither training nor
-    test items, nor each other."""
+    test items, nor ``taken`` prompts, nor each other."""
     j_train, j_test = json_sets(random.Random(f"{seed}:json"))
-    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test}
+    seen = {r["prompt"] for r in j_train} | {r["prompt"] for r in j_test} | set(taken)
     items: list[dict] = []
     while len(items) < count:
         item = json_item(rng, split)
@@ -466,11 +480,16 @@ def _new_json_items(rng: random.Random, seed: int, split: int, count: int) -> li
     return items
 
 
-def _new_headline_texts(rng: random.Random, seed: int, count: int, *, test_like: bool) -> list[str]:
-    """``count`` headline phrases that are neither training nor test phrases, nor each other: from the training
-    vocabulary, or (``test_like``) drawn as the test phrases are, each with a word training never uses."""
+def _new_headline_texts(
+    rng: random.Random, seed: int, count: int, *, test_like: bool, taken: set[str] = frozenset()
+) -> list[str]:
+    """``count`` headline phrases that are neither training nor test phrases, nor ``taken`` ones, nor each other:
+    from the training vocabulary, or (``test_like``) drawn as the test phrases are, each with a word training
+    never uses."""
     h_train, h_test = headline_sets(random.Random(f"{seed}:headline"))
-    used = {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test}
+    used = (
+        {r["prompt"] for r in h_train} | {r["prompt"] for r in h_test} | {headline_prompt(t) for t in taken}
+    )
     texts: list[str] = []
     while len(texts) < count:
         text = phrase(rng, TEST_ADJECTIVES, TEST_NOUNS) if test_like else phrase(rng, ADJECTIVES, NOUNS)

@@ -131,23 +131,31 @@ def _table(scores: dict, searched: dict) -> str:
         "| candidate | kessary facts | json format | headline style | mean retention | worst retention |",
         "|---|---|---|---|---|---|",
     ]
+    own = {skill: scores[f"{skill} alone"][skill] for skill in NAMES}
     for label, by_skill in scores.items():
-        cells, ret = [], []
-        for skill in NAMES:
-            value, stderr = by_skill[skill]
-            own, own_err = scores[f"{skill} alone"][skill]
-            r = value / own if own else float("nan")
-            r_err = abs(r) * math.sqrt((stderr / value) ** 2 + (own_err / own) ** 2) if value and own else 0.0
-            ret.append((r, r_err, skill))
-            cells.append(f"{value:.3f} ± {stderr:.3f}")
-        mean = sum(r for r, _, _ in ret) / len(ret)
-        mean_err = math.sqrt(sum(e**2 for _, e, _ in ret)) / len(ret)
+        cells = [f"{by_skill[skill][0]:.3f} ± {by_skill[skill][1]:.3f}" for skill in NAMES]
+        ret, mean, mean_err = retention(by_skill, own)
         worst = min(ret)
         lines.append(
             f"| {label} | {' | '.join(cells)} | {mean:.2f} ± {mean_err:.2f} | {worst[0]:.2f} ± {worst[1]:.2f} ({worst[2]}) |"
         )
     weights = ", ".join(f"{k} {_short(v)}" for k, v in searched.items())
     return "\n".join(lines) + f"\n\nsearched weights: {weights}"
+
+
+def retention(by_skill: dict, own: dict) -> tuple[list[tuple[float, float, str]], float, float]:
+    """([(retention, its stderr, skill)], mean retention, its stderr): retention = score ÷ the skill adapter's own
+    score; stderrs by the delta method, skills independent. Both dicts map skill -> [score, stderr]."""
+    ret = []
+    for skill in NAMES:
+        (value, stderr), (alone, alone_err) = by_skill[skill], own[skill]
+        r = value / alone if alone else float("nan")
+        r_err = (
+            abs(r) * math.sqrt((stderr / value) ** 2 + (alone_err / alone) ** 2) if value and alone else 0.0
+        )
+        ret.append((r, r_err, skill))
+    mean = sum(r for r, _, _ in ret) / len(ret)
+    return ret, mean, math.sqrt(sum(e**2 for _, e, _ in ret)) / len(ret)
 
 
 def _short(value) -> str:
