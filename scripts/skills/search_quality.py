@@ -45,7 +45,11 @@ def main() -> None:
         "--also", action="append", default=[], metavar="LABEL=SEARCH_OUTPUT",
         help="also score the weights another search chose (its search/summary.json)",
     )  # fmt: skip
-    parser.add_argument("--reuse", action="store_true", help="keep the scores already in the JSON file")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the rows and scores already in the JSON file (same weights)",
+    )
     parser.add_argument("--label", default="searched", help="the searched weights' row in the table")
     args = parser.parse_args()
 
@@ -64,6 +68,8 @@ def main() -> None:
         candidates[label] = dict(zip(NAMES, map(float, values.split(",")), strict=True))
     out = SKILLS / "search_quality.json"
     saved = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
+    for label, weights in saved.get("weights", {}).items():  # --reuse keeps every row saved before
+        candidates.setdefault(label, weights)
     kept, todo = split_reusable(candidates, saved)
     scored = score_candidates("tasks", TASKS, todo, limit=args.limit)
     scores = {label: kept[label] if label in kept else scored[label] for label in candidates}

@@ -104,7 +104,7 @@ ROWS = [
     Row("core_space", "merge", "core_space (ties inner, density 0.5), weight 1: 24 × 24 cores", FOUR,
         recipe="merge-core-space"),
     Row("tsv", "merge", "tsv, weight 1: top-8 singular vectors per skill, decorrelated", FOUR, recipe="merge-tsv"),
-    Row("search", "merge", "linear with searched weights (search-tasks.yaml: 40 TPE trials on dev splits)", FOUR,
+    Row("search", "merge", "linear with searched weights (search-tasks.yaml: 40 TPE trials on dev splits, select: improve)", FOUR,
         recipe="search-tasks"),
     Row("linear_half", "merge", "linear, weight 0.5 each, rank 24", FOUR, recipe="merge-linear-half"),
     Row("ties_half", "merge", "ties, weight 0.5, density 0.5, rank 24", FOUR, recipe="merge-ties-half"),
