@@ -232,11 +232,16 @@ def test_sigint_then_resume_finishes_exactly_the_budget(zoo, tmp_path, capfd, on
 
 
 def _search_until(recipe: Path, folder: Path, *, trials_done: int, seconds: float):
-    """Start `loracook run RECIPE` (a search writing to FOLDER/out) in a subprocess; return it and its journal
-    once ``trials_done`` trials are complete (or the process ended, or ``seconds`` passed)."""
+    """Start `loracook run RECIPE` (a search writing to FOLDER/out) in a subprocess, in a process group of its
+    own; return it and its journal once ``trials_done`` trials are complete (or the process ended, or
+    ``seconds`` passed)."""
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loracook", "run", str(recipe)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "loracook", "run", str(recipe)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     journal = folder / ".out.search" / "journal.log"
     deadline = time.time() + seconds
@@ -281,6 +286,40 @@ def test_sigterm_with_two_workers_stops_them_all_and_resumes(zoo, tmp_path, capf
     stopped = _complete(journal)
     assert 4 <= stopped < budget
     _resume_finishes_the_budget(recipe, tmp_path / "s" / "out", budget, capfd)
+
+
+def test_sigterm_to_the_process_group_fails_every_running_trial(zoo, tmp_path, one_thread):
+    """`timeout` and Slurm signal the whole process group: each local worker then fails its own running trial and
+    exits, so the journal is left with no trial RUNNING (a worker killed outright would leave one, holding a place
+    in the budget until --resume finds its pid dead)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    sources = {"a": zoo.adapters["a"], "b": zoo.adapters["b"]}
+    recipe = search_recipe(
+        tmp_path / "s", zoo.models["llama"], sources, search={"budget": 100000, "workers": 2}
+    )
+    proc, journal = _search_until(recipe, tmp_path / "s", trials_done=1, seconds=180)
+    children = _children(proc.pid)
+    assert children, "the search should run a second worker process"
+    deadline = time.time() + 180  # until the worker is in its trial loop (it has asked twice), not loading
+    while proc.poll() is None and time.time() < deadline:
+        if any(journal.read_text().count(f':{pid}"') >= 2 for pid in children):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)], "a search worker outlived the search"
+    assert not (tmp_path / "s" / "out").exists()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="loracook-search", storage=storage).trials
+    assert any(t.user_attrs.get("worker", "").endswith(f":{pid}") for t in trials for pid in children)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
 
 
 def _children(pid: int) -> list[int]:
@@ -524,6 +563,7 @@ def test_sigterm_between_ask_and_tag_still_tags_the_trial(tmp_path, monkeypatch)
         )
     [trial] = study.trials
     assert trial.user_attrs["worker"] == worker_tag()
+    assert trial.state.name == "FAIL"  # the stop fails the trial it interrupted: none is left RUNNING
 
 
 @pytest.mark.parametrize("journal", [True, False])

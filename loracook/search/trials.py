@@ -177,7 +177,6 @@ def run_trials(
     """Ask, evaluate and tell trials until the budget is reached (finished + running) or a stop is asked.
 
     ``evaluate(trial) -> (values, user_attrs)``; values None or not finite records the trial as failed."""
-    from optuna.trial import TrialState
 
     failures = 0
     while not stop.check():
@@ -192,31 +191,59 @@ def run_trials(
             now = counts(study)
             if now.complete + now.running >= budget:
                 return
-            # two storage writes: a SIGTERM between them would leave a trial that no worker owns
-            with deferred_signals():
-                trial = study.ask()
-                trial.set_user_attr("worker", worker_tag())
-        if place.url is not None and _past_budget(study, trial.number, budget):
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        start = time.perf_counter()
+            asked: list = []
+            try:
+                # two storage writes: a SIGTERM between them would leave a trial that no worker owns
+                with deferred_signals():
+                    asked.append(study.ask())
+                    asked[0].set_user_attr("worker", worker_tag())
+            except BaseException:  # a signal held during the ask, acted on right after it
+                _fail(study, asked)
+                raise
+        trial = asked[0]
         try:
-            with heartbeat(storage, trial):
-                values, attrs = evaluate(trial)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                study.tell(trial, state=TrialState.FAIL)
+            done = _run_one(study, trial, storage, place, budget, evaluate)
+        except (
+            BaseException
+        ):  # a stop or an error anywhere before the tell: the trial is failed, not orphaned
+            _fail(study, asked)
             raise
-        seconds = time.perf_counter() - start
-        trial.set_user_attr("info", {**attrs, "seconds": seconds})  # one journal write
-        finite = values is not None and all(math.isfinite(v) for v in values)
+        if done is None:
+            return
+        values, seconds = done
+        finite = values is not None
         failures = 0 if finite else failures + 1
-        if finite:
-            study.tell(trial, values if len(values) > 1 else values[0])
-        else:
-            study.tell(trial, state=TrialState.FAIL)
         if on_trial is not None:
-            on_trial(Trial(trial.number, values if finite else None, seconds))
+            on_trial(Trial(trial.number, values, seconds))
+
+
+def _run_one(study, trial, storage, place, budget: int, evaluate: Callable):
+    """Score and tell one asked trial: (its values, or None when not finite; seconds), or None when it was
+    asked past the budget (another host asked at the same moment)."""
+    from optuna.trial import TrialState
+
+    if place.url is not None and _past_budget(study, trial.number, budget):
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    start = time.perf_counter()
+    with heartbeat(storage, trial):
+        values, attrs = evaluate(trial)
+    seconds = time.perf_counter() - start
+    trial.set_user_attr("info", {**attrs, "seconds": seconds})  # one journal write
+    if values is None or not all(math.isfinite(v) for v in values):
+        study.tell(trial, state=TrialState.FAIL)
+        return None, seconds
+    study.tell(trial, values if len(values) > 1 else values[0])
+    return values, seconds
+
+
+def _fail(study, asked: list) -> None:
+    """Record the asked trial (if any) as failed; a trial already told stays as it is."""
+    from optuna.trial import TrialState
+
+    if asked:
+        with contextlib.suppress(Exception):
+            study.tell(asked[0], state=TrialState.FAIL)
 
 
 def _past_budget(study, number: int, budget: int) -> bool:
