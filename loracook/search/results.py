@@ -9,8 +9,8 @@ with a positive score beats every starting point on both the mean and the worst 
 chosen trial are recorded in summary.json and the model card.
 
 With several objectives and a single-objective sampler (tpe, cmaes, random), the study itself optimises that
-select score (see :func:`loracook.search.study.scalarized`; for ``worst``, with a small share of the mean added:
-:func:`study_value`): its one value is the ``score`` of a trial, and the
+select score (see :func:`loracook.search.study.scalarized`; for ``worst`` and ``improve``, with a small share of
+the mean added: :func:`study_value`): its one value is the ``score`` of a trial, and the
 trial's own objectives (after the L1 term) are kept in its attributes; :func:`records` gives them back as the
 record's ``values``, so everything downstream reads the objectives whichever kind of study it is.
 """
@@ -113,11 +113,7 @@ def reference_for(done: list[Record], signs: tuple[float, ...], rule: str) -> Re
 def start_reference(starts: list[list[float]], signs: tuple[float, ...]) -> Reference | None:
     """(the best mean, the best worst objective) of the starting points' values, turned higher-is-better;
     None when none of them has finite values (``improve`` then scores like ``worst``)."""
-    scored = [
-        [s * v for s, v in zip(signs, values, strict=True)]
-        for values in starts
-        if all(math.isfinite(v) for v in values)
-    ]
+    scored = [_signed(values, signs) for values in starts if all(math.isfinite(v) for v in values)]
     if not scored:
         return None
     return max(sum(v) / len(v) for v in scored), max(min(v) for v in scored)
@@ -130,9 +126,14 @@ def _mean(record: Record, signs: tuple[float, ...]) -> float:
     return _signed_mean(record.values or [], signs)
 
 
+def _signed(values: list[float], signs: tuple[float, ...]) -> list[float]:
+    """The objectives turned higher-is-better."""
+    return [s * v for s, v in zip(signs, values, strict=True)]
+
+
 def _signed_mean(values: list[float], signs: tuple[float, ...]) -> float:
     """The mean of the objectives turned higher-is-better (0.0 for none)."""
-    signed = [s * v for s, v in zip(signs, values, strict=True)]
+    signed = _signed(values, signs)
     return sum(signed) / len(signed) if signed else 0.0
 
 
@@ -167,7 +168,7 @@ def select_score(
     values: list[float], signs: tuple[float, ...], rule: str, reference: Reference | None = None
 ) -> float:
     """The select rule on one trial's objectives; NaN when any of them is not finite."""
-    signed = [s * v for s, v in zip(signs, values, strict=True)]
+    signed = _signed(values, signs)
     if not all(math.isfinite(v) for v in signed):
         return math.nan
     if len(signed) == 1:

@@ -186,33 +186,26 @@ def run_trials(
                 loc=("search", "space", "weights"),
                 fix="narrow the weight bounds",
             )
-        with budget_lock(place.lock_file()):
-            fail_stale(study, storage, untagged_is_orphan=place.url is None)
-            now = counts(study)
-            if now.complete + now.running >= budget:
-                return
-            asked: list = []
-            try:
+        trial = None
+        try:  # a stop or an error anywhere between the ask and the tell fails the trial: none is left RUNNING
+            with budget_lock(place.lock_file()):
+                fail_stale(study, storage, untagged_is_orphan=place.url is None)
+                now = counts(study)
+                if now.complete + now.running >= budget:
+                    return
                 # two storage writes: a SIGTERM between them would leave a trial that no worker owns
                 with deferred_signals():
-                    asked.append(study.ask())
-                    asked[0].set_user_attr("worker", worker_tag())
-            except BaseException:  # a signal held during the ask, acted on right after it
-                _fail(study, asked)
-                raise
-        trial = asked[0]
-        try:
+                    trial = study.ask()
+                    trial.set_user_attr("worker", worker_tag())
             done = _run_one(study, trial, storage, place, budget, evaluate)
-        except (
-            BaseException
-        ):  # a stop or an error anywhere before the tell: the trial is failed, not orphaned
-            _fail(study, asked)
+        except BaseException:
+            if trial is not None:
+                _fail(study, trial)
             raise
         if done is None:
             return
         values, seconds = done
-        finite = values is not None
-        failures = 0 if finite else failures + 1
+        failures = 0 if values is not None else failures + 1
         if on_trial is not None:
             on_trial(Trial(trial.number, values, seconds))
 
@@ -237,13 +230,12 @@ def _run_one(study, trial, storage, place, budget: int, evaluate: Callable):
     return values, seconds
 
 
-def _fail(study, asked: list) -> None:
-    """Record the asked trial (if any) as failed; a trial already told stays as it is."""
+def _fail(study, trial) -> None:
+    """Record an asked trial as failed; a trial already told stays as it is."""
     from optuna.trial import TrialState
 
-    if asked:
-        with contextlib.suppress(Exception):
-            study.tell(asked[0], state=TrialState.FAIL)
+    with contextlib.suppress(Exception):
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def _past_budget(study, number: int, budget: int) -> bool:
