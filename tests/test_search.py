@@ -381,6 +381,7 @@ BAD = {
     "test split": ({"objective": {"tasks": ["TASK"], "split": "test"}}, "test split"),
     "storage": ({"storage": "sqlite:////no/such/folder/study.db"}, "cannot open the study storage"),
     "workers zero": ({"workers": 0}, "search.workers"),
+    "select unknown": ({"select": "best"}, "'worst', 'mean' or 'improve'"),
     "resume without study": ({}, "no search to resume"),
 }
 
